@@ -1,0 +1,278 @@
+"""Named profiles: every size, count and hyperparameter a chapter needs, in one place.
+
+A *profile* collects one frozen dataclass per pipeline stage. Three profiles exist:
+
+- ``ci``    — 2 CPU cores, minutes per chapter: reduced resolution, narrow networks, few cases.
+              This is what the published book shows.
+- ``colab`` — one free 16 GB GPU, about an hour per chapter: half resolution, the full 97 pairs.
+- ``paper`` — exactly the sizes and hyperparameters of the paper's code (see ``shared/PAPER.md``).
+
+Notebooks and the CLI select a profile by name and may override a few values with dotted keys::
+
+    profile = get_profile("ci", {"vqae.iterations": 50})
+
+Unknown profile names, stages or fields raise :class:`ConfigError` (a typo must not silently fall back
+to a default, as it would with a plain dict lookup).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+#: The seed's canonical frame (H, W, D) in voxels (about 1 mm). Landmarks live in this frame.
+CANONICAL_SHAPE: tuple[int, int, int] = (256, 208, 256)
+
+#: The ten training pairs the paper's release ships (its "10 real pairs" regime).
+RELEASE_TRAIN_CASES: tuple[str, ...] = tuple(f"{i:03d}" for i in range(32, 42))
+
+#: The 27 validation+test pairs with landmarks, in the order of ``lms_validation_cropped.pth``.
+ALL_TEST_CASES: tuple[str, ...] = (
+    "002", "008", "054", "055", "056", "094", "097",
+    "104", "105", "106", "107", "108", "109", "110", "111", "112", "113",
+    "114", "115", "116", "117", "118", "119", "120", "121", "122", "123",
+)  # fmt: skip
+
+#: Lung250M-4B's own test split (COPDgene cases), reported separately in the paper.
+BENCHMARK_TEST_CASES: tuple[str, ...] = tuple(f"{i:03d}" for i in range(104, 114))
+
+
+class ConfigError(ValueError):
+    """A profile name, stage or field that does not exist, or a value of the wrong kind."""
+
+
+# --------------------------------------------------------------------------------------------------
+# One dataclass per stage. Each chapter module reads only its own stage (and ``data``).
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Chapter 1. ``shape`` is the profile's volume shape (H, W, D); the canonical frame is 256×208×256."""
+
+    shape: tuple[int, int, int] = CANONICAL_SHAPE
+    #: "unleashing-registration" (the release's 10 pairs, already dilated) or "lung250m-4b" (97 raw pairs).
+    train_dataset: str = "lung250m-4b"
+    #: training cases to use; None = every pair the dataset has.
+    train_cases: tuple[str, ...] | None = None
+    #: test cases to prepare (must have landmarks); None = all 27.
+    test_cases: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class VQAEConfig:
+    """Chapter 2: the paired 3D VQ-AE (MONAI ``AutoEncoder`` + vector quantiser)."""
+
+    channels: tuple[int, ...] = (48, 48, 64, 64, 128, 192, 256, 384)
+    strides: tuple[int, ...] = (1, 2, 1, 2, 1, 2, 1, 2)
+    codebook_size: int = 1024
+    embed_dim: int = 384  # = channels[-1]: the quantiser works on the encoder's last feature map
+    beta: float = 0.25  # commitment weight
+    codebook_weight: float = 0.1
+    class_weights: tuple[float, float] = (1.0, 2.5)
+    patch_size: int = 128
+    affine_sigma: float = 0.05
+    batch_size: int = 8
+    lr: float = 5e-4
+    iterations: int = 42000  # 336000 / batch 8
+    restart_divisor: int = 7  # CosineAnnealingWarmRestarts(T_0 = iterations // 7, T_mult = 2)
+    dead_code_restart: bool = False  # the seed has none
+    amp: bool = True  # fp16 autocast, on CUDA only
+    ckpt_every: int = 1000
+    log_every: int = 100
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Chapter 3: the absorbing-diffusion denoiser over token grids."""
+
+    n_layers: int = 12
+    width: int = 512
+    n_heads: int = 16
+    ff: int = 1024
+    dropout: float = 0.0
+    pre_norm: bool = False
+    ema: float | None = None  # e.g. 0.999; None = no EMA (the seed)
+    T: int = 256
+    lr: float = 1e-4
+    warmup: int = 500
+    batch_size: int = 8
+    iterations: int = 15000
+    amp: bool = True
+    ckpt_every: int = 1000
+    log_every: int = 100
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Chapter 4: sampling synthetic pairs."""
+
+    n_pairs: int = 256
+    steps: int = 256
+    temperature: float = 0.9
+    batch_size: int = 2
+
+
+@dataclass(frozen=True)
+class RegistrationConfig:
+    """Chapter 5: the two-step inverse-consistent registration network."""
+
+    scale: float = 0.5  # registration resolution relative to ``data.shape`` (paper: half, 128×104×128)
+    channels: tuple[int, ...] = (8, 16, 32, 64, 64, 64)
+    strides: tuple[int, ...] = (2, 2, 1, 2, 1)
+    tanh_scale: float = 0.35
+    smooth_kernel: int = 7
+    ss_steps: int = 12  # scaling and squaring: v / 2**12, then 12 squarings
+    smooth_weight: float = 0.5  # λ
+    lr: float = 0.015
+    batch_size: int = 8
+    iterations: int = 1250  # per step, 2500 / batch · 4
+    n_few: int = 10  # the "few real pairs" regime
+    n_synthetic: int = 256
+    regimes: tuple[str, ...] = ("real_all", "real_few", "synthetic", "synthetic_plus_few")
+    amp: bool = False
+    ckpt_every: int = 250
+    log_every: int = 50
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Chapter 6: test-time adaptation and metrics."""
+
+    tta_iterations: int = 50
+    tta_lr: float = 0.005
+
+
+STAGES: dict[str, type] = {
+    "data": DataConfig,
+    "vqae": VQAEConfig,
+    "diffusion": DiffusionConfig,
+    "sampling": SamplingConfig,
+    "registration": RegistrationConfig,
+    "evaluation": EvaluationConfig,
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    data: DataConfig = field(default_factory=DataConfig)
+    vqae: VQAEConfig = field(default_factory=VQAEConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    registration: RegistrationConfig = field(default_factory=RegistrationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def replace(self, overrides: dict[str, Any] | None = None) -> Profile:
+        """A copy with dotted-key overrides applied, e.g. ``{"vqae.iterations": 10}``."""
+        if not overrides:
+            return self
+        by_stage: dict[str, dict[str, Any]] = {}
+        for key, value in overrides.items():
+            stage, _, name = key.partition(".")
+            if stage not in STAGES or not name:
+                raise ConfigError(
+                    f"override {key!r}: expected '<stage>.<field>' with stage one of {sorted(STAGES)}"
+                )
+            known = {f.name for f in dataclasses.fields(STAGES[stage])}
+            if name not in known:
+                raise ConfigError(f"override {key!r}: {stage} has no field {name!r}; known: {sorted(known)}")
+            by_stage.setdefault(stage, {})[name] = _coerce(getattr(getattr(self, stage), name), value, key)
+        return dataclasses.replace(
+            self, **{s: dataclasses.replace(getattr(self, s), **kv) for s, kv in by_stage.items()}
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(current: Any, value: Any, key: str) -> Any:
+    """Turn CLI strings ("10", "0.5", "true", "8,16,32") into the type of the current value."""
+    if not isinstance(value, str) or isinstance(current, str):
+        return tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
+    try:
+        if isinstance(current, bool):
+            if value.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+                raise ValueError(value)
+            return value.lower() in {"true", "1", "yes"}
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float) or current is None:
+            return None if value.lower() == "none" else float(value)
+        if isinstance(current, tuple):
+            items = [v.strip() for v in value.split(",") if v.strip()]
+            kind = type(current[0]) if current else str
+            return tuple(kind(v) for v in items)
+    except ValueError as err:
+        raise ConfigError(f"override {key!r}: cannot read {value!r} as {type(current).__name__}") from err
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# The three profiles.
+# --------------------------------------------------------------------------------------------------
+
+#: Test cases used at ``ci`` scale: 3 of the benchmark split 104–113 and 3 others, all in the mirror.
+CI_TEST_CASES: tuple[str, ...] = ("002", "054", "097", "104", "108", "113")
+
+PROFILES: dict[str, Profile] = {
+    "paper": Profile(name="paper"),
+    "colab": Profile(
+        name="colab",
+        data=DataConfig(shape=(128, 104, 128)),
+        vqae=VQAEConfig(
+            channels=(32, 32, 64, 64, 128, 256),
+            strides=(1, 2, 1, 2, 1, 2),
+            codebook_size=512,
+            embed_dim=256,
+            patch_size=64,
+            batch_size=4,
+            iterations=6000,
+            ckpt_every=500,
+        ),
+        diffusion=DiffusionConfig(n_layers=8, width=384, n_heads=12, ff=768, iterations=6000, ckpt_every=500),
+        sampling=SamplingConfig(n_pairs=64, steps=128),
+        registration=RegistrationConfig(scale=1.0, batch_size=4, iterations=600, n_synthetic=64),
+    ),
+    "ci": Profile(
+        name="ci",
+        data=DataConfig(
+            shape=(64, 52, 64),
+            train_dataset="unleashing-registration",
+            train_cases=RELEASE_TRAIN_CASES,
+            test_cases=CI_TEST_CASES,
+        ),
+        vqae=VQAEConfig(
+            channels=(16, 16, 32, 32),
+            strides=(1, 2, 1, 2),
+            codebook_size=128,
+            embed_dim=32,
+            patch_size=32,
+            batch_size=4,
+            iterations=300,
+            amp=False,
+            ckpt_every=100,
+            log_every=10,
+        ),
+        diffusion=DiffusionConfig(
+            n_layers=2, width=64, n_heads=4, ff=128, T=64, warmup=20, lr=1e-3,
+            batch_size=4, iterations=300, amp=False, ckpt_every=100, log_every=10,
+        ),  # fmt: skip
+        sampling=SamplingConfig(n_pairs=8, steps=32, batch_size=4),
+        registration=RegistrationConfig(
+            scale=1.0, channels=(8, 16, 16, 32, 32, 32), batch_size=4, iterations=100,
+            n_few=3, n_synthetic=8, ckpt_every=50, log_every=10,
+        ),  # fmt: skip
+        evaluation=EvaluationConfig(tta_iterations=20),
+    ),
+}
+
+
+def get_profile(name: str, overrides: dict[str, Any] | None = None) -> Profile:
+    """The named profile, with optional dotted-key overrides. Unknown names raise :class:`ConfigError`."""
+    if isinstance(name, Profile):
+        return name.replace(overrides)
+    if name not in PROFILES:
+        raise ConfigError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+    return PROFILES[name].replace(overrides)

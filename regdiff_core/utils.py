@@ -1,0 +1,149 @@
+"""Small shared helpers: device choice, seeding, folders, mixed precision, and the metrics files.
+
+Every chapter writes its key numbers with :func:`write_metrics` to ``_build/metrics/<notebook>.json``;
+the book's prose quotes those files, never numbers typed by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+#: The repository root (where ``_config.yml`` lives) when running from a checkout.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → CUDA if available, else Apple MPS, else CPU. Anything else is passed to torch."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r} is not a torch device (try 'auto', 'cpu' or 'cuda')") from err
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (all devices); return a CPU generator seeded the same way.
+
+    On CPU, runs are bit-for-bit repeatable given the seed. On CUDA some kernels are not
+    deterministic; we do not force ``torch.use_deterministic_algorithms`` there (it slows training
+    and errors on several 3D ops), so GPU runs agree only statistically.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def default_data_dir() -> Path:
+    """``$REGDIFF_DATA_DIR`` or ``./data``: where downloads land (one sub-folder per dataset)."""
+    return Path(os.environ.get("REGDIFF_DATA_DIR", "data")).expanduser()
+
+
+def default_work_dir() -> Path:
+    """``$REGDIFF_WORK_DIR`` or ``./work``: prepared tensors, checkpoints, tokens, synthetic pairs."""
+    return Path(os.environ.get("REGDIFF_WORK_DIR", "work")).expanduser()
+
+
+def metrics_dir() -> Path:
+    """``$REGDIFF_METRICS_DIR``, else ``<repo>/_build/metrics`` in a checkout, else ``./_build/metrics``."""
+    env = os.environ.get("REGDIFF_METRICS_DIR")
+    if env:
+        return Path(env).expanduser()
+    # in a checkout, next to the book; installed elsewhere (Colab), under the current folder
+    root = REPO_ROOT if (REPO_ROOT / "_config.yml").exists() else Path.cwd()
+    return root / "_build" / "metrics"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_metrics(notebook: str, metrics: dict[str, Any], directory: Path | None = None) -> Path:
+    """Write ``metrics`` to ``<metrics_dir>/<notebook>.json`` atomically and return the path.
+
+    ``notebook`` is the notebook's stem, e.g. ``"01_data_preparation"``. Tensors and NumPy values
+    are converted; non-finite floats become ``null`` (JSON has no NaN).
+    """
+    directory = Path(directory) if directory is not None else metrics_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{notebook}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_jsonable(metrics), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_metrics(notebook: str, directory: Path | None = None) -> dict[str, Any]:
+    directory = Path(directory) if directory is not None else metrics_dir()
+    path = directory / f"{notebook}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no metrics for {notebook!r} at {path}: run that chapter first")
+    return json.loads(path.read_text())
+
+
+def autocast(device: torch.device, enabled: bool = True, dtype: torch.dtype = torch.float16):
+    """Mixed precision on CUDA only; a no-op context everywhere else (CPU runs stay fp32 and exact)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def timer() -> Iterator[dict[str, float]]:
+    """``with timer() as t: ...`` then ``t["seconds"]`` holds the wall time of the block."""
+    out: dict[str, float] = {}
+    start = time.perf_counter()
+    try:
+        yield out
+    finally:
+        out["seconds"] = time.perf_counter() - start
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def atomic_torch_save(obj: Any, path: Path) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then rename: a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

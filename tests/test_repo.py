@@ -1,0 +1,68 @@
+"""Repository hygiene: notebooks committed clean and well-formed, environment.yml in step with pyproject."""
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+PARAMETERS = {"profile", "data_dir", "work_dir", "device", "seed"}
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "no notebooks/NN_*.ipynb found"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_committed_without_outputs(path):
+    nb = json.loads(path.read_text())
+    dirty = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))]
+    assert not dirty, f"{path.name}: cells {dirty} have outputs; run `nbstripout {path}`"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_has_badge_setup_and_parameters(path):
+    nb = json.loads(path.read_text())
+    cells = nb["cells"]
+    first = "".join(cells[0]["source"])
+    badge = re.search(r"colab\.research\.google\.com/github/[^)\s]+/blob/[^/)\s]+/notebooks/([^)\s]+\.ipynb)", first)
+    assert badge and badge.group(1) == path.name, f"{path.name}: first cell needs a Colab badge pointing at itself"
+    sources = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+    assert any("google.colab" in s and "pip install" in s for s in sources[:2]), f"{path.name}: setup cell missing"
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{path.name}: exactly one cell must be tagged 'parameters'"
+    names = set(re.findall(r"^(\w+)\s*=", "".join(tagged[0]["source"]), flags=re.M))
+    assert PARAMETERS <= names, f"{path.name}: parameters cell lacks {PARAMETERS - names}"
+    assert re.search(r'^profile\s*=\s*"ci"', "".join(tagged[0]["source"]), flags=re.M)
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~ \[]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _spec(req: str) -> str:
+    return req.strip()[len(_name(req)) :].replace(" ", "")
+
+
+def test_environment_yml_lists_the_same_packages_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"])
+    for extra in ("book", "dev"):
+        reqs += project["optional-dependencies"][extra]
+    pyproject = {_name(r): _spec(r) for r in reqs}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda = {}
+    for dep in env["dependencies"]:
+        if isinstance(dep, str) and not dep.startswith(("python=", "pip")):
+            name = _name(dep)
+            conda["torch" if name == "pytorch" else name] = _spec(dep)
+    assert conda == pyproject
+
+
+def test_ci_runs_the_readme_test_command():
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    assert "make test" in (ROOT / "README.md").read_text()
