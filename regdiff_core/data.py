@@ -1,0 +1,1024 @@
+"""Chapter 1: from downloaded lung-vessel masks to cached, canonical-frame tensors at the profile's size.
+
+The pipeline, one function per step (``prepare`` runs them all and caches the result):
+
+1. **download** through :func:`data_download.fetch` (this module never touches the network itself);
+2. **load** each inhale/exhale pair with nibabel and check it: both files exist, both have the same
+   shape, and both hold label data (integers in {0, 1, 2}) — :func:`load_label_volume`;
+3. **binarise** with ``> 0`` (artery and vein labels become one "vessel" class, as in the paper);
+4. **dilate** raw Lung250M-4B segmentations once by a 3×3×3 cube (:func:`dilate3`). The paper's release
+   (``dilated_vessels_*``) is dilated already and is *not* dilated a second time;
+5. **crop** case 035 to its first 280 slices along the last axis (:func:`seed_crop`; the seed does the
+   same because that scan is far longer than the others);
+6. **pad/crop** to the seed's canonical 256×208×256 frame (:func:`pad_crop_to_canonical`, the one
+   place this formula lives; the seed copied it into five scripts). The landmarks are voxel indices in
+   this frame;
+7. **resample** to ``profile.data.shape`` by block reduction (:func:`block_reduce`): a profile voxel
+   covers the canonical voxels ``[k·f, (k+1)·f)`` and is a vessel if *any* of them is one;
+8. **cache** ``uint8`` tensors, case ids and voxel spacings in ``work_dir/prepared/{train,test}.pt``.
+
+Conventions: fixed = inhale (``case_NNN_1``), moving = exhale (``case_NNN_2``). Volumes are indexed
+``(H, W, D)`` in the files' voxel order; landmark coordinates use the same order. Spacing is in mm per
+canonical voxel (≈ 1 mm; we do not resample to exactly 1 mm because the landmarks were defined on the
+voxel grid, not in mm).
+
+Left out on purpose:
+
+- **No intensity CT.** The paper's generative model and registration work on vessel masks only.
+- **No resampling to isotropic spacing.** The released masks are already ≈1 mm; the landmarks are voxel
+  indices of exactly these grids, so any resampling would have to be applied to them as well.
+- **No interpolation-based downsampling.** Trilinear or mean-then-threshold resampling erases vessels
+  thinner than half a block; see :func:`block_reduce`.
+
+Hand-written where a library has it: the 3×3×3 dilation (:func:`dilate3`) is the same as
+``F.max_pool3d(v, 3, stride=1, padding=1)`` (and scipy's ``binary_dilation`` with a cube) but runs on
+``uint8`` as three separable 1-D maxima, about 10× faster on CPU than the float max-pool.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from regdiff_core.config import ALL_TEST_CASES, CANONICAL_SHAPE, RELEASE_TRAIN_CASES
+
+# --------------------------------------------------------------------------------------------------
+# Datasets and where their files live (paths relative to ``data_dir / <dataset>``)
+# --------------------------------------------------------------------------------------------------
+
+#: The paper's own data release: 10 training pairs, the test pairs, the landmarks, the result CSVs.
+RELEASE = "unleashing-registration"
+#: Lung250M-4B's raw vessel segmentations of its 97 training pairs (not dilated).
+LUNG250M = "lung250m-4b"
+
+#: Landmarks of the 27 test pairs, in the canonical frame: ``[fixed, moving]``, lists in ALL_TEST_CASES order.
+LANDMARKS_FILE = "lms_validation_cropped.pth"
+#: The release's test pairs (already dilated).
+TEST_FOLDER = "dilated_vessels_ts"
+
+#: Lung250M-4B has 124 pairs (000–123); the 27 with landmarks are validation/test, the other 97 train.
+LUNG250M_TRAIN_CASES: tuple[str, ...] = tuple(
+    f"{i:03d}" for i in range(124) if f"{i:03d}" not in ALL_TEST_CASES
+)
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    """Where a dataset keeps its training pairs and whether they still need the 3×3×3 dilation."""
+
+    train_folder: str
+    dilated: bool
+    train_cases: tuple[str, ...]
+
+
+DATASETS: dict[str, DatasetLayout] = {
+    RELEASE: DatasetLayout("dilated_vessels_10", dilated=True, train_cases=RELEASE_TRAIN_CASES),
+    LUNG250M: DatasetLayout("segTr", dilated=False, train_cases=LUNG250M_TRAIN_CASES),
+}
+
+#: The seed crops these cases along the last axis before padding (case → number of slices kept).
+SEED_CROP: dict[str, int] = {"035": 280}
+
+#: Increase when the cache layout changes; an older cache is then rebuilt.
+CACHE_FORMAT = 1
+
+SPLITS = ("train", "test")
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as it is: wrong labels, mismatched shapes, unknown cases, stale cache."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Public results
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairSet:
+    """Paired vessel volumes at one resolution.
+
+    ``fixed``/``moving``: ``(N, H, W, D)``, ``uint8`` in {0, 1} for real pairs (float probabilities allowed
+    for synthetic ones); fixed = inhale (``_1``), moving = exhale (``_2``).
+    ``spacing``: ``(N, 3)`` mm per *canonical* voxel, from the nii headers (≈ 1.0).
+    ``raw_shapes``: ``(N, 3)`` shape of each pair as stored in its file (``None`` for synthetic pairs).
+    """
+
+    cases: list[str]
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    spacing: torch.Tensor
+    raw_shapes: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def volumes(self, index: Any = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``(N or len(index), 2, H, W, D)`` in ``dtype``, channels (fixed, moving)."""
+        fixed = self.fixed if index is None else self.fixed[index]
+        moving = self.moving if index is None else self.moving[index]
+        if fixed.dim() == 3:  # a single integer index
+            fixed, moving = fixed[None], moving[None]
+        return torch.stack((fixed, moving), dim=1).to(dtype)
+
+
+@dataclass
+class Landmarks:
+    """Landmark pairs of the test cases. Coordinates ``(N_i, 3)`` float, voxel indices ``(i_H, i_W, i_D)``.
+
+    ``fixed``/``moving`` are at the profile's resolution (``profile.data.shape``, via
+    :func:`canonical_to_profile`); ``canonical_*`` are as stored, in the canonical 256×208×256 frame.
+    """
+
+    cases: list[str]
+    fixed: list[torch.Tensor]
+    moving: list[torch.Tensor]
+    canonical_fixed: list[torch.Tensor]
+    canonical_moving: list[torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def initial_tre(self) -> torch.Tensor:
+        """Per-case mean distance ``‖fixed − moving‖`` before registration, ``(n_cases,)``, canonical voxels (≈ mm)."""
+        return torch.stack(
+            [(f - m).norm(dim=-1).mean() for f, m in zip(self.canonical_fixed, self.canonical_moving)]
+        )
+
+
+@dataclass
+class CanonicalPair:
+    """One pair after steps 2–6: ``fixed``/``moving`` ``uint8 (256, 208, 256)``; ``spacing (3,)`` mm;
+    ``raw_shape``: the shape stored in the file (before the seed's crop and the pad/crop)."""
+
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    spacing: torch.Tensor
+    raw_shape: tuple[int, int, int]
+
+
+@dataclass
+class PrepareResult:
+    """What :func:`prepare` did. ``cached``: the splits found ready in ``work_dir`` and not redone."""
+
+    train_path: Path
+    test_path: Path
+    train_cases: list[str]
+    test_cases: list[str]
+    shape: tuple[int, int, int]
+    cached: tuple[str, ...]
+    seconds: float
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_cases)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.test_cases)
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps 2–7 on single volumes
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_labels(array: np.ndarray, path: Path) -> None:
+    """Raise :class:`DataError` unless every value of ``array`` is one of the labels 0, 1, 2."""
+    if array.dtype == np.uint8:  # the common case: one fast max() decides, unique() only on failure
+        if array.max(initial=0) <= 2:
+            return
+        outside = array > 2
+        raise DataError(
+            f"{path}: not a vessel label map: values {np.unique(array[outside])[:8].tolist()} outside "
+            f"{{0, 1, 2}} in {int(outside.sum())} voxels"
+        )
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"{path}: not a vessel label map: data type {array.dtype} is not numeric")
+    if array.dtype.kind == "f":
+        non_integer = ~np.isfinite(array) | (array != np.round(array))
+        if non_integer.any():
+            values = np.unique(array[non_integer])[:8].tolist()
+            raise DataError(
+                f"{path}: not a vessel label map: non-integer values {values} in {int(non_integer.sum())} voxels "
+                "(expected labels 0, 1, 2; is this an intensity image?)"
+            )
+    outside = (array < 0) | (array > 2)
+    if outside.any():
+        values = np.unique(array[outside])[:8].tolist()
+        raise DataError(
+            f"{path}: not a vessel label map: values {values} outside {{0, 1, 2}} in {int(outside.sum())} voxels"
+        )
+
+
+def load_label_volume(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Read a vessel segmentation: ``(array (H, W, D) as stored, spacing in mm)``; checks it holds labels.
+
+    Raises ``FileNotFoundError`` naming the path, or :class:`DataError` for non-label data.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: file not found (download it with `python -m regdiff_core prepare` or `python -m data_download`)"
+        )
+    image = nib.load(str(path))
+    array = np.asanyarray(image.dataobj)  # native dtype; get_fdata() would make a float64 copy
+    if array.ndim != 3:
+        raise DataError(f"{path}: expected a 3-D volume, got shape {array.shape}")
+    _check_labels(array, path)
+    spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
+    return array, spacing
+
+
+def binarise(labels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``labels > 0`` as ``uint8`` {0, 1}: arteries (1) and veins (2) become one vessel class."""
+    if isinstance(labels, np.ndarray):  # numpy's comparison + a bool→uint8 view is the fastest route
+        return torch.from_numpy(np.greater(labels, 0).view(np.uint8))
+    return (labels > 0).to(torch.uint8)
+
+
+def dilate3(volume: torch.Tensor) -> torch.Tensor:
+    """Binary dilation by a 3×3×3 cube over the last three axes (zero outside the volume).
+
+    Equals ``F.max_pool3d(v, kernel_size=3, stride=1, padding=1)``; computed as a 1-D maximum of each
+    voxel and its two neighbours along each axis in turn (a cube is separable), which works on ``uint8``.
+    ``volume``: ``(..., H, W, D)``; returns the same shape and dtype.
+    """
+    out = volume
+    for axis in (-3, -2, -1):
+        n = out.shape[axis]
+        if n < 2:
+            continue
+        res = out.clone()
+        # res[k] = max(v[k-1], v[k], v[k+1])
+        res.narrow(axis, 1, n - 1).copy_(
+            torch.maximum(res.narrow(axis, 1, n - 1), out.narrow(axis, 0, n - 1))
+        )
+        res.narrow(axis, 0, n - 1).copy_(
+            torch.maximum(res.narrow(axis, 0, n - 1), out.narrow(axis, 1, n - 1))
+        )
+        out = res
+    return out
+
+
+def seed_crop(volume: torch.Tensor, case: str) -> torch.Tensor:
+    """The seed's one special case: keep only the first ``SEED_CROP[case]`` slices of the last axis.
+
+    Case 035 is 451 slices long in the last axis (the others ≤ 353); the seed cuts it to 280 before
+    padding. Other cases pass through unchanged.
+    """
+    depth = SEED_CROP.get(case)
+    if depth is None or volume.shape[-1] <= depth:
+        return volume
+    return volume[..., :depth]
+
+
+def canonical_padding(shape: Sequence[int]) -> tuple[int, int, int, int, int, int]:
+    """The seed's pad/crop amounts ``(h1, h2, w1, w2, d1, d2)`` for a volume of ``shape = (H, W, D)``.
+
+    Negative values crop. ``H + h1 + h2 = 256``, ``W + w1 + w2 = 208``, ``D + d1 + d2 = 256`` for every shape.
+    """
+    H, W, D = (int(s) for s in shape[-3:])
+    # h1, w1, d1 = (352 − H)//2 − 48, (256 − W)//2 − 32, (352 − D)//2 − 48
+    h1, w1, d1 = (352 - H) // 2 - 48, (256 - W) // 2 - 32, (352 - D) // 2 - 48
+    # h2, w2, d2 = 352 − H − h1 − 96, 256 − W − w1 − 48, 352 − D − d1 − 96
+    h2, w2, d2 = 352 - H - h1 - 96, 256 - W - w1 - 48, 352 - D - d1 - 96
+    return h1, h2, w1, w2, d1, d2
+
+
+def pad_crop_to_canonical(volume: torch.Tensor) -> torch.Tensor:
+    """Pad with zeros / crop the last three axes ``(H, W, D)`` into the canonical 256×208×256 frame.
+
+    The one implementation of the seed's formula (:func:`canonical_padding`); the landmarks live in
+    this frame. ``volume``: ``(..., H, W, D)`` any dtype → ``(..., 256, 208, 256)``.
+    """
+    h1, h2, w1, w2, d1, d2 = canonical_padding(volume.shape)
+    out = F.pad(volume, (d1, d2, w1, w2, h1, h2))  # F.pad lists the last axis first
+    assert tuple(out.shape[-3:]) == CANONICAL_SHAPE, out.shape
+    return out
+
+
+def block_factors(shape: Sequence[int]) -> tuple[int, int, int]:
+    """Integer block size per axis from the canonical frame to ``shape``; raises if it does not divide."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or any(s <= 0 or S % s for s, S in zip(shape, CANONICAL_SHAPE)):
+        raise DataError(
+            f"profile shape {shape} must divide the canonical frame {CANONICAL_SHAPE} axis by axis "
+            "(e.g. (128, 104, 128) or (64, 52, 64))"
+        )
+    return tuple(S // s for s, S in zip(shape, CANONICAL_SHAPE))  # type: ignore[return-value]
+
+
+def block_reduce(volume: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Resample canonical ``(..., 256, 208, 256)`` to ``(..., *shape)``: each output voxel = max over its block.
+
+    Geometry (align_corners=False): output voxel ``k`` covers canonical voxels ``[k·f, (k+1)·f)``, so its
+    centre sits at canonical ``(k + 0.5)·f − 0.5`` — the same map as :func:`canonical_to_profile`.
+
+    Why the maximum ("any vessel in the block") and not the mean, trilinear, or nearest: a vessel one or
+    two voxels across fills only ``1/f`` to ``2/f`` of a block's cross-section, so mean-then-threshold at
+    0.5 deletes it, and nearest-neighbour keeps it only when it passes the sampled voxel. Small vessels
+    are most of the tree (and most landmarks sit on them), so we keep them at the price of vessels that
+    look up to one block thicker; the notebook shows the vessel fraction this adds. Works on ``uint8``
+    masks and on float probabilities alike.
+    """
+    f = block_factors(shape)
+    if f == (1, 1, 1):
+        return volume
+    lead = volume.shape[:-3]
+    s = tuple(int(x) for x in shape)
+    blocks = volume.reshape(*lead, s[0], f[0], s[1], f[1], s[2], f[2])
+    n = len(lead)
+    return blocks.amax(dim=(n + 1, n + 3, n + 5))
+
+
+def canonical_to_profile(coords: Any, shape: Sequence[int]) -> torch.Tensor:
+    """Map voxel coordinates ``(..., 3)`` from the canonical 256×208×256 frame to a grid of ``shape``.
+
+    Per axis, with canonical size ``S`` and profile size ``s`` (voxel centres, align_corners=False):
+    ``p = (i + 0.5) · s / S − 0.5``. Returns a float tensor (float32 unless ``coords`` is float64).
+    """
+    coords = _as_float(coords)
+    scale = torch.tensor([s / S for s, S in zip(shape, CANONICAL_SHAPE)], dtype=coords.dtype)
+    # p = (i + 0.5) · s / S − 0.5
+    return (coords + 0.5) * scale - 0.5
+
+
+def profile_to_canonical(coords: Any, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`canonical_to_profile`: ``i = (p + 0.5) · S / s − 0.5`` per axis."""
+    coords = _as_float(coords)
+    scale = torch.tensor([S / s for s, S in zip(shape, CANONICAL_SHAPE)], dtype=coords.dtype)
+    # i = (p + 0.5) · S / s − 0.5
+    return (coords + 0.5) * scale - 0.5
+
+
+def _as_float(coords: Any) -> torch.Tensor:
+    coords = torch.as_tensor(coords)
+    if not coords.is_floating_point():
+        coords = coords.to(torch.float32)
+    if coords.shape[-1:] != (3,):
+        raise ValueError(f"coordinates must have shape (..., 3), got {tuple(coords.shape)}")
+    return coords
+
+
+# --------------------------------------------------------------------------------------------------
+# Pairs on disk
+# --------------------------------------------------------------------------------------------------
+
+
+def pair_paths(root: str | Path, folder: str, case: str) -> tuple[Path, Path]:
+    """``(fixed, moving)`` file paths: ``root/folder/case_NNN_1.nii.gz`` (inhale), ``…_2.nii.gz`` (exhale)."""
+    base = Path(root) / folder
+    return base / f"case_{case}_1.nii.gz", base / f"case_{case}_2.nii.gz"
+
+
+def load_canonical_pair(
+    fixed_path: str | Path, moving_path: str | Path, *, case: str, dilate: bool
+) -> CanonicalPair:
+    """Steps 2–6 for one pair: load, check, binarise, (dilate), seed crop, pad/crop to 256×208×256.
+
+    Raises ``FileNotFoundError`` (names the file), :class:`DataError` for non-label data or when the two
+    volumes differ in shape (names both files and shapes).
+    """
+    fixed_path, moving_path = Path(fixed_path), Path(moving_path)
+    fixed_raw, spacing = load_label_volume(fixed_path)
+    moving_raw, _ = load_label_volume(moving_path)
+    if fixed_raw.shape != moving_raw.shape:
+        raise DataError(
+            f"case {case}: fixed and moving differ in shape: {fixed_path} has {tuple(fixed_raw.shape)}, "
+            f"{moving_path} has {tuple(moving_raw.shape)}"
+        )
+    out = []
+    for raw in (fixed_raw, moving_raw):
+        v = binarise(raw)
+        if dilate:
+            v = dilate3(v)
+        out.append(pad_crop_to_canonical(seed_crop(v, case)).contiguous())
+    return CanonicalPair(
+        fixed=out[0],
+        moving=out[1],
+        spacing=torch.tensor(spacing, dtype=torch.float32),
+        raw_shape=tuple(int(s) for s in fixed_raw.shape),  # type: ignore[arg-type]
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Splits, download, cache
+# --------------------------------------------------------------------------------------------------
+
+
+def split_spec(profile, split: str) -> tuple[str, str, tuple[str, ...], bool]:
+    """``(dataset, folder, cases, needs_dilation)`` of a split under ``profile.data``."""
+    cfg = profile.data
+    if split == "train":
+        if cfg.train_dataset not in DATASETS:
+            raise DataError(f"unknown train_dataset {cfg.train_dataset!r}; choose one of {sorted(DATASETS)}")
+        layout = DATASETS[cfg.train_dataset]
+        cases = tuple(cfg.train_cases) if cfg.train_cases is not None else layout.train_cases
+        _check_cases(cases, layout.train_cases, f"{cfg.train_dataset} training")
+        return cfg.train_dataset, layout.train_folder, cases, not layout.dilated
+    if split == "test":
+        cases = tuple(cfg.test_cases) if cfg.test_cases is not None else ALL_TEST_CASES
+        _check_cases(cases, ALL_TEST_CASES, "test (with landmarks)")
+        return RELEASE, TEST_FOLDER, cases, False
+    raise DataError(f"unknown split {split!r}; choose one of {SPLITS}")
+
+
+def _check_cases(cases: Sequence[str], valid: Sequence[str], what: str) -> None:
+    unknown = [c for c in cases if c not in valid]
+    if unknown:
+        raise DataError(f"{what} cases {unknown} do not exist; valid: {' '.join(valid)}")
+    if len(set(cases)) != len(cases):
+        raise DataError(f"{what} cases contain duplicates: {list(cases)}")
+    if not cases:
+        raise DataError(f"no {what} cases selected")
+
+
+def prepared_path(work_dir: str | Path, split: str) -> Path:
+    return Path(work_dir) / "prepared" / f"{split}.pt"
+
+
+def _cache_matches(path: Path, dataset: str, cases: Sequence[str], shape: Sequence[int]) -> bool:
+    """True when ``path`` holds this split, prepared from ``dataset``/``cases`` at ``shape``."""
+    if not path.is_file():
+        return False
+    try:  # mmap: only the small metadata is read, not the volumes
+        cached = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # an unreadable cache is rebuilt, not trusted
+        return False
+    return (
+        cached.get("format") == CACHE_FORMAT
+        and cached.get("dataset") == dataset
+        and list(cached.get("cases", [])) == list(cases)
+        and tuple(cached.get("shape", ())) == tuple(shape)
+    )
+
+
+def prepare_split(
+    pairs: Sequence[tuple[str, str | Path, str | Path]],
+    shape: Sequence[int],
+    *,
+    dilate: bool,
+    progress: bool = True,
+    desc: str = "prepare",
+) -> dict[str, Any]:
+    """Steps 2–7 for every ``(case, fixed_path, moving_path)`` of one split; returns what :func:`prepare` caches.
+
+    Keys: ``fixed``/``moving`` ``uint8 (N, *shape)``, ``spacing (N, 3)`` mm, ``raw_shapes (N, 3)``,
+    ``canonical_fraction (N, 2)`` (vessel volume fraction in the canonical frame, fixed/moving), ``cases``,
+    ``shape``. Only one canonical pair is in memory at a time.
+    """
+    shape = tuple(int(s) for s in shape)
+    block_factors(shape)
+    n = len(pairs)
+    fixed = torch.empty((n, *shape), dtype=torch.uint8)
+    moving = torch.empty((n, *shape), dtype=torch.uint8)
+    spacing = torch.empty((n, 3), dtype=torch.float32)
+    raw_shapes = torch.empty((n, 3), dtype=torch.int64)
+    canonical_fraction = torch.empty((n, 2), dtype=torch.float64)
+    for i, (case, fixed_path, moving_path) in _progress(list(enumerate(pairs)), progress, desc):
+        pair = load_canonical_pair(fixed_path, moving_path, case=case, dilate=dilate)
+        fixed[i] = block_reduce(pair.fixed, shape)
+        moving[i] = block_reduce(pair.moving, shape)
+        spacing[i] = pair.spacing
+        raw_shapes[i] = torch.tensor(pair.raw_shape)
+        canonical_fraction[i, 0] = torch.count_nonzero(pair.fixed).item() / pair.fixed.numel()
+        canonical_fraction[i, 1] = torch.count_nonzero(pair.moving).item() / pair.moving.numel()
+    return {
+        "cases": [case for case, _, _ in pairs],
+        "fixed": fixed,
+        "moving": moving,
+        "spacing": spacing,
+        "raw_shapes": raw_shapes,
+        "canonical_fraction": canonical_fraction,
+        "shape": shape,
+    }
+
+
+def _progress(items: list, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc)
+
+
+def download_pairs(
+    dataset: str,
+    data_dir: str | Path,
+    cases: Sequence[str],
+    *,
+    base_url: str | None = None,
+    progress: bool = True,
+    desc: str = "download",
+) -> list[tuple[str, Path, Path]]:
+    """Download (or verify) the pairs of ``cases`` into ``data_dir/dataset`` via :func:`data_download.fetch`.
+
+    Returns ``(case, fixed_path, moving_path)`` per case. The landmarks and the paper's CSVs come along
+    with every release download. A file the server lacks raises ``DownloadError`` naming the case and file.
+    """
+    from data_download import DownloadError, fetch  # the download package: the only code that goes online
+
+    dest = Path(data_dir) / dataset
+    pairs = []
+    for case in _progress(list(cases), progress, desc):
+        try:  # one case per call, so that an error can name the case
+            paths = fetch(dataset, dest=dest, cases=[case], base_url=base_url, progress=False)
+        except DownloadError as err:
+            raise DownloadError(f"{dataset} case {case}: {err}") from err
+        pairs.append((case, Path(paths[0]), Path(paths[1])))
+    return pairs
+
+
+def prepare(
+    profile, data_dir: str | Path, work_dir: str | Path, *, base_url: str | None = None, progress: bool = True
+) -> PrepareResult:
+    """Download the profile's training and test pairs and cache them prepared under ``work_dir/prepared/``.
+
+    ``base_url`` replaces the upstream URL prefix (a local mirror); ``None`` uses ``$REGDIFF_DATA_URL``
+    (``$REGDIFF_LUNG250M_URL`` for lung250m-4b) or the upstream servers. A split already cached for the
+    same dataset, cases and shape is skipped (and not downloaded again). Test pairs and landmarks always
+    come from the paper's release.
+    """
+    start = time.perf_counter()
+    shape = tuple(int(s) for s in profile.data.shape)
+    block_factors(shape)
+    data_dir, work_dir = Path(data_dir), Path(work_dir)
+    cached: list[str] = []
+    cases_of: dict[str, list[str]] = {}
+    for split in SPLITS:
+        dataset, _, cases, dilate = split_spec(profile, split)
+        cases_of[split] = list(cases)
+        path = prepared_path(work_dir, split)
+        if _cache_matches(path, dataset, cases, shape):
+            cached.append(split)
+            continue
+        files = download_pairs(
+            dataset, data_dir, cases, base_url=base_url, progress=progress, desc=f"download {split}"
+        )
+        result = prepare_split(files, shape, dilate=dilate, progress=progress, desc=f"prepare {split}")
+        result.update(format=CACHE_FORMAT, dataset=dataset, split=split)
+        _atomic_save(result, path)
+    if not (data_dir / RELEASE / LANDMARKS_FILE).is_file():  # test split cached, but a fresh data_dir
+        download_pairs(RELEASE, data_dir, cases_of["test"][:1], base_url=base_url, progress=False)
+    return PrepareResult(
+        train_path=prepared_path(work_dir, "train"),
+        test_path=prepared_path(work_dir, "test"),
+        train_cases=cases_of["train"],
+        test_cases=cases_of["test"],
+        shape=shape,  # type: ignore[arg-type]
+        cached=tuple(cached),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    from regdiff_core.utils import atomic_torch_save
+
+    atomic_torch_save(obj, path)
+
+
+def load_pairs(profile, work_dir: str | Path, split: str) -> PairSet:
+    """The prepared ``split`` ("train" | "test") from ``work_dir/prepared/{split}.pt`` at ``profile.data.shape``.
+
+    Raises ``FileNotFoundError`` when chapter 1 has not run, and :class:`DataError` when the cache was
+    made for another shape or other cases than the profile asks for.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {SPLITS}")
+    path = prepared_path(work_dir, split)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no prepared {split} pairs; run chapter 1 (notebooks/01_data_preparation.ipynb) "
+            f"or `python -m regdiff_core prepare --profile {profile.name}`"
+        )
+    cached = torch.load(path, map_location="cpu", weights_only=True)
+    dataset, _, cases, _ = split_spec(profile, split)
+    shape = tuple(int(s) for s in profile.data.shape)
+    if (
+        cached.get("format") != CACHE_FORMAT
+        or tuple(cached["shape"]) != shape
+        or list(cached["cases"]) != list(cases)
+        or cached.get("dataset") != dataset
+    ):
+        raise DataError(
+            f"{path} holds {cached.get('dataset')} cases {cached.get('cases')} at shape {tuple(cached.get('shape', ()))}, "
+            f"but profile {profile.name!r} wants {dataset} cases {list(cases)} at {shape}; "
+            f"rerun `python -m regdiff_core prepare --profile {profile.name}`"
+        )
+    return PairSet(
+        cases=list(cached["cases"]),
+        fixed=cached["fixed"],
+        moving=cached["moving"],
+        spacing=cached["spacing"],
+        raw_shapes=cached.get("raw_shapes"),
+    )
+
+
+def load_canonical_fraction(work_dir: str | Path, split: str) -> torch.Tensor:
+    """Vessel volume fraction of each prepared pair in the canonical frame, ``(N, 2)`` (fixed, moving)."""
+    path = prepared_path(work_dir, split)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["canonical_fraction"].clone()
+
+
+def load_landmarks(profile, data_dir: str | Path, cases: Sequence[str] | None = None) -> Landmarks:
+    """Landmarks of ``cases`` (default: ``profile.data.test_cases``, None = all 27) from the release.
+
+    The file ``data_dir/unleashing-registration/lms_validation_cropped.pth`` holds ``[fixed, moving]``,
+    each a list of 27 ``(N_i, 3)`` tensors in :data:`~regdiff_core.config.ALL_TEST_CASES` order, voxel
+    indices of the canonical frame. Returned both as stored and mapped to ``profile.data.shape``.
+    """
+    if cases is None:
+        cases = profile.data.test_cases if profile.data.test_cases is not None else ALL_TEST_CASES
+    cases = [str(c) for c in cases]
+    _check_cases(cases, ALL_TEST_CASES, "landmark")
+    path = Path(data_dir) / RELEASE / LANDMARKS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: landmark file not found; run chapter 1 or `python -m regdiff_core prepare --profile {profile.name}`"
+        )
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    if (
+        not isinstance(stored, list | tuple)
+        or len(stored) != 2
+        or any(len(side) != len(ALL_TEST_CASES) for side in stored)
+    ):
+        raise DataError(f"{path}: expected [fixed, moving], each a list of {len(ALL_TEST_CASES)} tensors")
+    shape = tuple(profile.data.shape)
+    out: dict[str, list[torch.Tensor]] = {"cf": [], "cm": [], "f": [], "m": []}
+    for case in cases:
+        i = ALL_TEST_CASES.index(case)
+        canonical_fixed = torch.as_tensor(stored[0][i]).to(torch.float32)
+        canonical_moving = torch.as_tensor(stored[1][i]).to(torch.float32)
+        out["cf"].append(canonical_fixed)
+        out["cm"].append(canonical_moving)
+        out["f"].append(canonical_to_profile(canonical_fixed, shape))
+        out["m"].append(canonical_to_profile(canonical_moving, shape))
+    return Landmarks(
+        cases=cases, fixed=out["f"], moving=out["m"], canonical_fixed=out["cf"], canonical_moving=out["cm"]
+    )
+
+
+def vessel_fraction(pairs: PairSet) -> torch.Tensor:
+    """Share of vessel voxels per pair, ``(N, 2)`` (fixed, moving); for probabilities, their mean."""
+    dims = (1, 2, 3)
+    return torch.stack(
+        (pairs.fixed.to(torch.float64).mean(dim=dims), pairs.moving.to(torch.float64).mean(dim=dims)), dim=1
+    )
+
+
+def landmark_hit_rate(
+    volumes: torch.Tensor, points: Sequence[torch.Tensor], shift: Sequence[int] = (0, 0, 0), radius: int = 0
+) -> float:
+    """Share of landmarks with a vessel voxel within ``radius`` voxels (Euclidean) of their rounded position.
+
+    ``volumes``: ``(N, H, W, D)`` masks; ``points``: N tensors ``(N_i, 3)`` of voxel coordinates in those
+    volumes; ``shift`` moves every point by whole voxels first (positions are clamped to the volume).
+    A frame check: the share should be highest at ``shift = (0, 0, 0)``.
+    """
+    r = torch.arange(-radius, radius + 1)
+    ball = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    ball = ball[ball.pow(2).sum(-1) <= radius**2]
+    upper = torch.tensor(volumes.shape[1:]) - 1
+    hits = total = 0
+    for volume, p in zip(volumes, points):
+        q = (p.round().long() + torch.as_tensor(shift))[:, None, :] + ball[None]
+        q = torch.minimum(q.clamp(min=0), upper)
+        hits += int((volume[q[..., 0], q[..., 1], q[..., 2]] > 0).any(dim=1).sum())
+        total += len(p)
+    return hits / max(total, 1)
+
+
+def shapes_table(pairs: PairSet, split: str) -> list[dict[str, Any]]:
+    """One row per pair: case, split, raw shape → after the seed's crop → canonical → profile shape, spacing."""
+    rows = []
+    for i, case in enumerate(pairs.cases):
+        raw = tuple(int(s) for s in pairs.raw_shapes[i]) if pairs.raw_shapes is not None else None
+        cropped = raw if raw is None or case not in SEED_CROP else (*raw[:2], min(raw[2], SEED_CROP[case]))
+        rows.append(
+            {
+                "case": case,
+                "split": split,
+                "raw shape": raw,
+                "after seed crop": cropped,
+                "pad (h1, h2, w1, w2, d1, d2)": canonical_padding(cropped) if cropped else None,
+                "canonical": CANONICAL_SHAPE,
+                "profile": tuple(pairs.fixed.shape[1:]),
+                "spacing (mm)": tuple(round(float(s), 4) for s in pairs.spacing[i]),
+            }
+        )
+    return rows
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Rows of equal keys as a Markdown table (for ``IPython.display.Markdown``)."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, tuple):  # a shape or spacing (3 entries) as 1×2×3; anything longer as a list
+            return ("×" if len(v) == 3 else ", ").join(str(x) for x in v)
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI: python -m regdiff_core prepare --profile ci [--base-url URL]
+# --------------------------------------------------------------------------------------------------
+
+
+def register_cli(subparsers, common) -> None:
+    p = subparsers.add_parser(
+        "prepare", parents=[common], help="download the pairs and landmarks, cache them prepared (chapter 1)"
+    )
+    p.add_argument(
+        "--base-url",
+        default=None,
+        help="URL prefix of a mirror that replaces the upstream one (default: $REGDIFF_DATA_URL or upstream)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cli_prepare)
+
+
+def _cli_prepare(args, profile) -> int:
+    from data_download import DownloadError
+
+    try:
+        result = prepare(
+            profile, args.data_dir, args.work_dir, base_url=args.base_url, progress=not args.no_progress
+        )
+    except (DataError, FileNotFoundError, DownloadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for split, path, n in (
+        ("train", result.train_path, result.n_train),
+        ("test", result.test_path, result.n_test),
+    ):
+        how = "cached" if split in result.cached else "prepared"
+        print(f"{split}: {n} pairs at {'×'.join(map(str, result.shape))} {how} in {path}")
+    print(f"done in {result.seconds:.1f} s")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Plotting helpers (reused by later chapters). Images: the projected/sliced axes are shown with the
+# lower-numbered remaining axis horizontal and the other one vertical, origin at the bottom left, so a
+# voxel index (u, v) is drawn at x = u, y = v and landmark scatters line up with the pixels.
+# --------------------------------------------------------------------------------------------------
+
+FIXED_COLOR = (0.122, 0.467, 0.706)  # matplotlib's "tab:blue"
+MOVING_COLOR = (1.0, 0.498, 0.055)  # "tab:orange"
+AXIS_NAMES = ("H", "W", "D")
+
+
+def _np(volume: Any) -> np.ndarray:
+    if isinstance(volume, torch.Tensor):
+        volume = volume.detach().to("cpu", torch.float32).numpy()
+    return np.asarray(volume, dtype=np.float32)
+
+
+def projection(
+    volume: Any, axis: int = 1, slab: tuple[int, int] | None = None, mode: str = "max"
+) -> np.ndarray:
+    """Maximum (or ``mode="mean"``) projection of ``(H, W, D)`` along ``axis`` over ``slab = [start, stop)``."""
+    v = _np(volume)
+    if slab is not None:
+        v = np.take(v, np.arange(*slab), axis=axis)
+    return v.max(axis=axis) if mode == "max" else v.mean(axis=axis)
+
+
+def overlay_rgb(fixed_2d: np.ndarray, moving_2d: np.ndarray, alpha: float = 0.85) -> np.ndarray:
+    """White background, fixed in blue, moving in orange on top (half transparent): ``(u, v, 3)`` in [0, 1]."""
+    rgb = np.ones((*fixed_2d.shape, 3), dtype=np.float32)
+    a_f = np.clip(fixed_2d, 0, 1)[..., None] * alpha
+    rgb = rgb * (1 - a_f) + np.array(FIXED_COLOR) * a_f
+    a_m = np.clip(moving_2d, 0, 1)[..., None] * alpha * 0.6
+    return rgb * (1 - a_m) + np.array(MOVING_COLOR) * a_m
+
+
+def _imshow(ax, image: np.ndarray, axis: int, **kwargs) -> None:
+    u, v = (a for a in range(3) if a != axis)
+    # rows of `image` index axis u; transpose so that u runs horizontally and v vertically, upwards
+    ax.imshow(np.swapaxes(image, 0, 1), origin="lower", interpolation="nearest", **kwargs)
+    ax.set_xlabel(f"{AXIS_NAMES[u]} (voxels)")
+    ax.set_ylabel(f"{AXIS_NAMES[v]} (voxels)")
+
+
+def _new_ax(ax, figsize=(5, 5)):
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize)
+    return ax
+
+
+def plot_mip_overlay(
+    fixed: Any,
+    moving: Any,
+    axis: int = 1,
+    slab: tuple[int, int] | None = None,
+    ax=None,
+    title: str | None = None,
+    mode: str = "max",
+):
+    """Maximum-intensity projections of a pair overlaid: fixed (inhale) blue, moving (exhale) orange.
+
+    ``fixed``/``moving``: ``(H, W, D)`` masks or probabilities. ``slab``: project only ``[start, stop)``
+    along ``axis`` (a thin slab shows single vessels; the whole volume shows the lung's outline).
+    """
+    ax = _new_ax(ax)
+    image = overlay_rgb(projection(fixed, axis, slab, mode), projection(moving, axis, slab, mode))
+    _imshow(ax, image, axis)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_landmarks(
+    volume: Any,
+    points: Any,
+    axis: int = 1,
+    slab: tuple[int, int] | None = None,
+    ax=None,
+    title: str | None = None,
+    color: Any = "crimson",
+    size: float = 12,
+):
+    """Vessel MIP (grey) with the landmarks ``points (N, 3)`` (voxel indices of ``volume``) on top.
+
+    With ``slab``, only the landmarks whose coordinate along ``axis`` lies in ``[start, stop)`` are drawn,
+    so each dot sits on the slab's vessels it belongs to.
+    """
+    ax = _new_ax(ax)
+    _imshow(ax, projection(volume, axis, slab), axis, cmap="Greys", vmin=0, vmax=1.5)
+    p = _np(points).reshape(-1, 3)
+    if slab is not None:
+        p = p[(p[:, axis] >= slab[0] - 0.5) & (p[:, axis] < slab[1] - 0.5)]
+    u, v = (a for a in range(3) if a != axis)
+    ax.scatter(
+        p[:, u],
+        p[:, v],
+        s=size,
+        c=[color] if isinstance(color, str) else color,
+        edgecolors="white",
+        linewidths=0.5,
+    )
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_vessel_fractions(fractions: dict[str, Any], cases: Sequence[str], ax=None, title: str | None = None):
+    """Grouped bars of vessel volume fractions (%) per case.
+
+    ``fractions``: label → ``(N, 2)`` (fixed, moving) fractions in [0, 1], one row per case. Fixed bars
+    are blue, moving bars orange; each label gets its own hatch.
+    """
+    ax = _new_ax(ax, figsize=(10, 3.5))
+    n_groups = len(fractions) * 2
+    width = 0.8 / n_groups
+    x = np.arange(len(cases))
+    hatches = ["", "//", "..", "xx"]
+    for g, (label, values) in enumerate(fractions.items()):
+        values = _np(values).reshape(len(cases), 2) * 100
+        for c, (name, color) in enumerate((("fixed", FIXED_COLOR), ("moving", MOVING_COLOR))):
+            k = 2 * g + c
+            ax.bar(x + (k - (n_groups - 1) / 2) * width, values[:, c], width, color=color,
+                   hatch=hatches[g % len(hatches)], edgecolor="white", label=f"{name}, {label}")  # fmt: skip
+    ax.set_xticks(x, list(cases))
+    ax.set_xlabel("case")
+    ax.set_ylabel("vessel voxels (%)")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # room for the legend above the bars
+    ax.legend(fontsize="small", ncols=2, loc="upper right")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def slice_image(fixed: Any, moving: Any, axis: int, index: int, view: str = "overlay") -> np.ndarray:
+    """One slice of a pair as RGB ``(u, v, 3)``: ``view`` = "fixed" (blue), "moving" (orange) or "overlay"."""
+    f = np.take(_np(fixed), index, axis=axis)
+    m = np.take(_np(moving), index, axis=axis)
+    if view == "fixed":
+        m = np.zeros_like(m)
+    elif view == "moving":
+        f = np.zeros_like(f)
+    elif view != "overlay":
+        raise ValueError(f"view must be 'fixed', 'moving' or 'overlay', got {view!r}")
+    return overlay_rgb(f, m)
+
+
+def plot_slice(
+    fixed: Any,
+    moving: Any,
+    axis: int = 1,
+    index: int | None = None,
+    view: str = "overlay",
+    ax=None,
+    title=None,
+):
+    """Draw one slice (default: the middle one) of a pair; see :func:`slice_image`."""
+    ax = _new_ax(ax)
+    if index is None:
+        index = _np(fixed).shape[axis] // 2
+    _imshow(ax, slice_image(fixed, moving, axis, index, view), axis)
+    ax.set_title(title if title is not None else f"{view}, {AXIS_NAMES[axis]} = {index}")
+    return ax
+
+
+def plot_slices(
+    fixed: Any, moving: Any, axis: int = 1, index: int | None = None, suptitle: str | None = None
+):
+    """The static companion of :func:`slice_viewer`: fixed / moving / overlay of one slice side by side."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.8), layout="tight")
+    for ax, view in zip(axes, ("fixed", "moving", "overlay")):
+        plot_slice(fixed, moving, axis, index, view, ax=ax)
+    if suptitle:
+        fig.suptitle(suptitle)
+    return fig
+
+
+def slice_viewer(pairs: PairSet, index: int = 0, axis: int = 1, figsize=(5.5, 5)):
+    """An ipywidgets viewer: case, view (fixed / moving / overlay), axis and slice sliders.
+
+    Returns the widget (display it as a cell's last expression). The figure redraws on every change;
+    in a static page (the book) only the first drawing is stored, which is why the notebook also shows
+    :func:`plot_slices`.
+    """
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    case = widgets.Dropdown(
+        options=[(c, i) for i, c in enumerate(pairs.cases)], value=index, description="case"
+    )
+    view = widgets.ToggleButtons(options=["fixed", "moving", "overlay"], value="overlay", description="view")
+    axis_w = widgets.ToggleButtons(
+        options=[(f"{name} (axis {a})", a) for a, name in enumerate(AXIS_NAMES)],
+        value=axis,
+        description="axis",
+    )
+    shape = tuple(pairs.fixed.shape[1:])
+    slider = widgets.IntSlider(value=shape[axis] // 2, min=0, max=shape[axis] - 1, description="slice")
+
+    def on_axis(change):
+        slider.max = shape[change["new"]] - 1
+        slider.value = shape[change["new"]] // 2
+
+    axis_w.observe(on_axis, names="value")
+
+    def draw(case, view, axis, index):
+        fig, ax = plt.subplots(figsize=figsize)
+        plot_slice(pairs.fixed[case], pairs.moving[case], axis, min(index, shape[axis] - 1), view, ax=ax,
+                   title=f"case {pairs.cases[case]}: {view}, {AXIS_NAMES[axis]} = {index}")  # fmt: skip
+        plt.show()
+
+    out = widgets.interactive_output(draw, {"case": case, "view": view, "axis": axis_w, "index": slider})
+    return widgets.VBox([widgets.HBox([case, slider]), view, axis_w, out])
+
+
+__all__ = [
+    "CanonicalPair",
+    "DataError",
+    "Landmarks",
+    "PairSet",
+    "PrepareResult",
+    "block_reduce",
+    "canonical_padding",
+    "canonical_to_profile",
+    "dilate3",
+    "load_canonical_pair",
+    "load_label_volume",
+    "load_landmarks",
+    "load_pairs",
+    "pad_crop_to_canonical",
+    "prepare",
+    "profile_to_canonical",
+    "register_cli",
+    "seed_crop",
+    "slice_viewer",
+    "plot_landmarks",
+    "plot_mip_overlay",
+    "plot_slice",
+    "plot_slices",
+    "plot_vessel_fractions",
+    "landmark_hit_rate",
+    "vessel_fraction",
+]

@@ -1,0 +1,53 @@
+"""Shared fixtures. The data mirror is served over HTTP on 127.0.0.1 (pooch cannot read ``file://``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from data_download.mirror import serve
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def mirror_dir() -> Path:
+    """The read-only unleashing-registration mirror: ``$REGDIFF_MIRROR_DIR``, else
+    ``<repo>/../shared/data/unleashing-registration``; skips the test if it is absent."""
+    env = os.environ.get("REGDIFF_MIRROR_DIR")
+    directory = Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "unleashing-registration"
+    if not directory.is_dir():
+        pytest.skip(
+            f"data mirror not found at {directory}: set REGDIFF_MIRROR_DIR to a copy of "
+            "shared/data/unleashing-registration"
+        )
+    return directory
+
+
+@pytest.fixture(scope="session")
+def mirror_url(mirror_dir):
+    """Base URL (no trailing /) of a local HTTP server whose root is the unleashing-registration mirror,
+    e.g. ``f"{mirror_url}/dilated_vessels_10/case_032_1.nii.gz"``; pass it as ``base_url``."""
+    with serve(mirror_dir) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def prepared_ci(tmp_path_factory, mirror_url):
+    """Chapter 1 run once at ``ci`` from the mirror: ``.profile``, ``.data_dir``, ``.work_dir`` (Paths).
+
+    ``work_dir/prepared/{train,test}.pt`` hold the 10 release training pairs and the ci test pairs at
+    64×52×64; ``data_dir/unleashing-registration/`` holds their files and the landmarks. Read-only: copy
+    anything a test wants to change.
+    """
+    from types import SimpleNamespace
+
+    from regdiff_core.config import get_profile
+    from regdiff_core.data import prepare
+
+    root = tmp_path_factory.mktemp("prepared_ci")
+    profile = get_profile("ci")
+    prepare(profile, root / "data", root / "work", base_url=mirror_url, progress=False)
+    return SimpleNamespace(profile=profile, data_dir=root / "data", work_dir=root / "work")

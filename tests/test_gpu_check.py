@@ -1,0 +1,27 @@
+"""`make gpu-check` must work wherever it is run: its script is smoke-tested here at toy sizes on the CPU."""
+
+import json
+
+import torch
+
+from regdiff_core import gpu_check
+
+
+def test_small_run_covers_every_stage_without_errors(tmp_path):
+    out = tmp_path / "gpu.json"
+    code = gpu_check.main(["--device", "cpu", "--small", "--out", str(out)])
+    report = json.loads(out.read_text())
+    errors = {k: v["error"] for k, v in report["stages"].items() if "error" in v}
+    assert not errors, errors
+    assert code == 0
+    assert set(report["stages"]) == {m.rsplit(".", 1)[-1] for m in gpu_check.BENCHMARK_MODULES}
+    for name, result in report["stages"].items():
+        assert "skipped" not in result, f"{name} has no gpu_benchmark"
+        assert result["wall_seconds"] > 0
+
+
+def test_refuses_paper_size_on_cpu(tmp_path, capsys):
+    if torch.cuda.is_available():
+        return
+    assert gpu_check.main(["--device", "cpu", "--out", str(tmp_path / "x.json")]) == 2
+    assert "no GPU found" in capsys.readouterr().out
