@@ -32,8 +32,12 @@ STAGE_MODULES = (
 def common_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--profile", default="ci", help="ci | colab | paper (default: ci)")
-    common.add_argument("--data-dir", type=str, default=None, help="downloads (default $REGDIFF_DATA_DIR or ./data)")
-    common.add_argument("--work-dir", type=str, default=None, help="outputs (default $REGDIFF_WORK_DIR or ./work)")
+    common.add_argument(
+        "--data-dir", type=str, default=None, help="downloads (default $REGDIFF_DATA_DIR or ./data)"
+    )
+    common.add_argument(
+        "--work-dir", type=str, default=None, help="outputs (default $REGDIFF_WORK_DIR or ./work)"
+    )
     common.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument(

@@ -51,6 +51,7 @@ class ConfigError(ValueError):
 class DataConfig:
     """Chapter 1. ``shape`` is the profile's volume shape (H, W, D); the canonical frame is 256×208×256."""
 
+    #: must divide 256×208×256 axis by axis: volumes are reduced by whole blocks ("any vessel in block")
     shape: tuple[int, int, int] = CANONICAL_SHAPE
     #: "unleashing-registration" (the release's 10 pairs, already dilated) or "lung250m-4b" (97 raw pairs).
     train_dataset: str = "lung250m-4b"
@@ -64,11 +65,13 @@ class DataConfig:
 class VQAEConfig:
     """Chapter 2: the paired 3D VQ-AE (MONAI ``AutoEncoder`` + vector quantiser)."""
 
+    spatial_dims: int = 3  # 2 for a 2D track (every vqae component is dimension-generic)
     channels: tuple[int, ...] = (48, 48, 64, 64, 128, 192, 256, 384)
     strides: tuple[int, ...] = (1, 2, 1, 2, 1, 2, 1, 2)
     codebook_size: int = 1024
     embed_dim: int = 384  # = channels[-1]: the quantiser works on the encoder's last feature map
     beta: float = 0.25  # commitment weight
+    legacy_beta: bool = True  # the seed puts β on the codebook term (taming's legacy form); False: VQ-VAE's
     codebook_weight: float = 0.1
     class_weights: tuple[float, float] = (1.0, 2.5)
     patch_size: int = 128
@@ -76,7 +79,7 @@ class VQAEConfig:
     batch_size: int = 8
     lr: float = 5e-4
     iterations: int = 42000  # 336000 / batch 8
-    restart_divisor: int = 7  # CosineAnnealingWarmRestarts(T_0 = iterations // 7, T_mult = 2)
+    restart_divisor: int = 7  # CosineAnnealingWarmRestarts(T_0 = ⌈iterations / 7⌉, T_mult = 2); paper: 6000
     dead_code_restart: bool = False  # the seed has none
     amp: bool = True  # fp16 autocast, on CUDA only
     ckpt_every: int = 1000
@@ -102,6 +105,11 @@ class DiffusionConfig:
     amp: bool = True
     ckpt_every: int = 1000
     log_every: int = 100
+    #: steps per run of chapter 3's variant comparison (``diffusion.ABLATIONS``); 0 = skip it (not in
+    #: the paper, and at paper size each run takes hours)
+    ablation_iterations: int = 0
+    ablation_ema: float = 0.999  # EMA decay tracked alongside each comparison run
+    ablation_variants: tuple[str, ...] = ("baseline", "pre-norm", "dropout 0.1 (seed)")
 
 
 @dataclass(frozen=True)
@@ -112,26 +120,31 @@ class SamplingConfig:
     steps: int = 256
     temperature: float = 0.9
     batch_size: int = 2
+    threshold: float = 0.5  # P(vessel) > threshold → vessel, for the nii.gz masks and the statistics
+    export_nifti: bool = True  # also write binarised masks in the canonical frame (the seed: npz only)
+    n_stats: int = 64  # synthetic pairs loaded (as binary masks) for the statistics of chapter 4
+    steps_sweep: tuple[int, ...] = (256, 64, 16)  # time and quality against the number of steps
+    n_sweep: int = 4  # pairs sampled per entry of steps_sweep
 
 
 @dataclass(frozen=True)
 class RegistrationConfig:
-    """Chapter 5: the two-step inverse-consistent registration network."""
+    """Chapter 5: the two-step inverse-consistent registration network (defaults = the seed's)."""
 
-    scale: float = 0.5  # registration resolution relative to ``data.shape`` (paper: half, 128×104×128)
-    channels: tuple[int, ...] = (8, 16, 32, 64, 64, 64)
+    scale: float = 0.5  # registration grid relative to ``data.shape`` (paper: half, 128×104×128)
+    channels: tuple[int, ...] = (8, 16, 32, 64, 64, 64)  # MONAI UNet, one per step
     strides: tuple[int, ...] = (2, 2, 1, 2, 1)
-    tanh_scale: float = 0.35
-    smooth_kernel: int = 7
+    tanh_scale: float = 0.35  # network output = 0.35·tanh(·), in grid_sample units
+    smooth_kernel: int = 7  # average pools k7, strides 2, 2, 1, 1, then linear upsampling
     ss_steps: int = 12  # scaling and squaring: v / 2**12, then 12 squarings
-    smooth_weight: float = 0.5  # λ
-    lr: float = 0.015
+    smooth_weight: float = 0.5  # λ of the first-order smoothness of both maps
+    lr: float = 0.015  # Adam, one per network
     batch_size: int = 8
-    iterations: int = 1250  # per step, 2500 / batch · 4
-    n_few: int = 10  # the "few real pairs" regime
-    n_synthetic: int = 256
+    iterations: int = 1248  # the seed's 2500 // batch · 4; each iteration updates both steps
+    n_few: int = 10  # the "few real pairs" regime (the release's 10 training pairs at paper scale)
+    n_synthetic: int = 256  # synthetic pairs used by the synthetic regimes
     regimes: tuple[str, ...] = ("real_all", "real_few", "synthetic", "synthetic_plus_few")
-    amp: bool = False
+    amp: bool = True  # the seed's fp16 autocast of the UNets (CUDA only)
     ckpt_every: int = 250
     log_every: int = 50
 
@@ -140,8 +153,8 @@ class RegistrationConfig:
 class EvaluationConfig:
     """Chapter 6: test-time adaptation and metrics."""
 
-    tta_iterations: int = 50
-    tta_lr: float = 0.005
+    tta_iterations: int = 50  # per test pair, fine-tuning copies of both networks
+    tta_lr: float = 0.005  # Adam
 
 
 STAGES: dict[str, type] = {
@@ -229,9 +242,19 @@ PROFILES: dict[str, Profile] = {
             patch_size=64,
             batch_size=4,
             iterations=6000,
+            dead_code_restart=True,
             ckpt_every=500,
         ),
-        diffusion=DiffusionConfig(n_layers=8, width=384, n_heads=12, ff=768, iterations=6000, ckpt_every=500),
+        diffusion=DiffusionConfig(
+            n_layers=8,
+            width=384,
+            n_heads=12,
+            ff=768,
+            iterations=6000,
+            ckpt_every=500,
+            ablation_iterations=500,
+            ablation_ema=0.99,
+        ),
         sampling=SamplingConfig(n_pairs=64, steps=128),
         registration=RegistrationConfig(scale=1.0, batch_size=4, iterations=600, n_synthetic=64),
     ),
@@ -243,28 +266,67 @@ PROFILES: dict[str, Profile] = {
             train_cases=RELEASE_TRAIN_CASES,
             test_cases=CI_TEST_CASES,
         ),
+        # two stride-2 stages (no full-resolution stride-1 layer): 4× faster per step on a CPU than
+        # (16, 16, 32, 32)/(1, 2, 1, 2) at about the same test Dice; lr 2e-3 and dead-code restarts
+        # because 300 steps at 5e-4 leave most codes where they were initialised (chapter 2 compares).
         vqae=VQAEConfig(
-            channels=(16, 16, 32, 32),
-            strides=(1, 2, 1, 2),
+            channels=(16, 32),
+            strides=(2, 2),
             codebook_size=128,
             embed_dim=32,
             patch_size=32,
             batch_size=4,
+            lr=2e-3,
             iterations=300,
+            dead_code_restart=True,
             amp=False,
             ckpt_every=100,
             log_every=10,
         ),
+        # attention over all 16×13×16 = 3328 tokens dominates on a CPU (its cost grows with heads × batch):
+        # a narrow net, short runs, T = S = 16. No dropout variant: CPU attention with dropout takes the
+        # slow (materialised N×N) path, ~10× slower per step.
         diffusion=DiffusionConfig(
-            n_layers=2, width=64, n_heads=4, ff=128, T=64, warmup=20, lr=1e-3,
-            batch_size=4, iterations=300, amp=False, ckpt_every=100, log_every=10,
-        ),  # fmt: skip
-        sampling=SamplingConfig(n_pairs=8, steps=32, batch_size=4),
+            n_layers=2,
+            width=32,
+            n_heads=2,
+            ff=64,
+            T=16,
+            warmup=5,
+            lr=5e-3,
+            batch_size=2,
+            iterations=80,
+            amp=False,
+            ckpt_every=40,
+            log_every=10,
+            ablation_iterations=30,
+            ablation_ema=0.9,
+            ablation_variants=("baseline", "pre-norm"),
+        ),
+        sampling=SamplingConfig(
+            n_pairs=8,
+            steps=16,
+            batch_size=4,
+            n_stats=8,
+            steps_sweep=(16, 4, 1),
+            n_sweep=2,
+        ),
+        # registration at 32×26×32 (8 mm voxels); the pooled velocity grid is then 8×7×8, where the seed's
+        # k7 smoothing would span the whole lung, so k3; 6 squarings suffice for these short velocities
         registration=RegistrationConfig(
-            scale=1.0, channels=(8, 16, 16, 32, 32, 32), batch_size=4, iterations=100,
-            n_few=3, n_synthetic=8, ckpt_every=50, log_every=10,
+            scale=0.5,
+            channels=(8, 16, 16, 32, 32, 32),
+            smooth_kernel=3,
+            ss_steps=6,
+            batch_size=2,
+            iterations=40,
+            n_few=3,
+            n_synthetic=8,
+            amp=False,
+            ckpt_every=20,
+            log_every=5,
         ),  # fmt: skip
-        evaluation=EvaluationConfig(tta_iterations=20),
+        evaluation=EvaluationConfig(tta_iterations=10),
     ),
 }
 

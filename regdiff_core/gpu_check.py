@@ -30,7 +30,9 @@ from regdiff_core.utils import resolve_device
 BENCHMARK_MODULES = ("regdiff_core.vqae", "regdiff_core.diffusion", "regdiff_core.registration")
 
 
-def run_benchmarks(device: torch.device, small: bool, modules: Sequence[str] = BENCHMARK_MODULES) -> dict[str, Any]:
+def run_benchmarks(
+    device: torch.device, small: bool, modules: Sequence[str] = BENCHMARK_MODULES
+) -> dict[str, Any]:
     report: dict[str, Any] = {
         "regdiff_version": __version__,
         "torch": torch.__version__,
@@ -56,20 +58,27 @@ def run_benchmarks(device: torch.device, small: bool, modules: Sequence[str] = B
             result["wall_seconds"] = round(time.perf_counter() - t0, 2)
             report["stages"][short] = result
         except Exception as err:  # record and carry on: one OOM must not hide the other stages
-            report["stages"][short] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+            report["stages"][short] = {
+                "error": f"{type(err).__name__}: {err}",
+                "traceback": traceback.format_exc(),
+            }
         print(f"[gpu-check] {short}: {json.dumps(report['stages'][short], default=str)[:400]}", flush=True)
     return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m regdiff_core.gpu_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m regdiff_core.gpu_check", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--small", action="store_true", help="toy sizes (a CPU smoke test of this script)")
     parser.add_argument("--out", type=Path, default=Path("_build/gpu_check.json"))
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     if device.type == "cpu" and not args.small:
-        print("[gpu-check] no GPU found: paper-size timings on a CPU take hours. Use --small for a smoke test.")
+        print(
+            "[gpu-check] no GPU found: paper-size timings on a CPU take hours. Use --small for a smoke test."
+        )
         return 2
     report = run_benchmarks(device, small=args.small)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +92,11 @@ def register_cli(subparsers, common) -> None:
     p = subparsers.add_parser("gpu-check", parents=[common], help="paper-size timings on the GPU")
     p.add_argument("--small", action="store_true")
     p.add_argument("--out", type=Path, default=Path("_build/gpu_check.json"))
-    p.set_defaults(func=lambda args, profile: main(["--device", args.device, "--out", str(args.out)] + (["--small"] if args.small else [])))
+    p.set_defaults(
+        func=lambda args, profile: main(
+            ["--device", args.device, "--out", str(args.out)] + (["--small"] if args.small else [])
+        )
+    )
 
 
 if __name__ == "__main__":

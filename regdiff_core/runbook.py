@@ -78,7 +78,9 @@ def run_notebooks(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m regdiff_core.runbook", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m regdiff_core.runbook", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--profile", default="ci")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--work-dir", type=Path, default=Path("_build/work"))

@@ -68,14 +68,16 @@ def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Strip the prefixes ``torch.compile`` (``_orig_mod.``) and DataParallel (``module.``) add to keys."""
     out = {}
     for key, value in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            while key.startswith(prefix):
-                key = key[len(prefix) :]
+        # in any order and any depth: DataParallel of a compiled module gives "module._orig_mod."
+        while key.startswith(("_orig_mod.", "module.")):
+            key = key.split(".", 1)[1]
         out[key.replace("._orig_mod.", ".")] = value
     return out
 
 
-def load_weights(module: torch.nn.Module, source: str | Path | Mapping[str, Any], key: str | None = None) -> None:
+def load_weights(
+    module: torch.nn.Module, source: str | Path | Mapping[str, Any], key: str | None = None
+) -> None:
     """Load weights into ``module`` from a path or a state dict, tolerant of how they were saved.
 
     Accepts a bare state dict, a :func:`train_loop` checkpoint (``{"state": {key: ...}}``), keys
@@ -89,14 +91,22 @@ def load_weights(module: torch.nn.Module, source: str | Path | Mapping[str, Any]
     sd: Any = source
     if isinstance(sd, Mapping) and "state" in sd and isinstance(sd["state"], Mapping):
         if key is None:
-            candidates = [k for k, v in sd["state"].items() if isinstance(v, Mapping) and "param_groups" not in v]
+            # module state dicts hold only tensors (optimiser/scheduler/scaler states hold numbers too)
+            candidates = [
+                k
+                for k, v in sd["state"].items()
+                if isinstance(v, Mapping) and v and all(torch.is_tensor(t) for t in v.values())
+            ]
             if len(candidates) != 1:
                 raise KeyError(f"checkpoint holds several state dicts {sorted(sd['state'])}: pass key=")
             key = candidates[0]
         sd = sd["state"][key]
     sd = clean_state_dict(sd)
     own = module.state_dict()
-    sd = {k: (v.to(own[k].dtype) if k in own and torch.is_tensor(v) and v.is_floating_point() else v) for k, v in sd.items()}
+    sd = {
+        k: (v.to(own[k].dtype) if k in own and torch.is_tensor(v) and v.is_floating_point() else v)
+        for k, v in sd.items()
+    }
     module.load_state_dict(sd)
 
 
@@ -166,7 +176,10 @@ def train_loop(
     try:
         for step in range(start + 1, n_steps + 1):
             out = step_fn(step)
-            row = {"step": step, **{k: float(v) for k, v in out.items()}}
+            row = {
+                "step": step,
+                **{k: float(v.detach() if torch.is_tensor(v) else v) for k, v in out.items()},
+            }
             if "loss" not in row:
                 raise KeyError(f"{desc}: step_fn must return a 'loss' (got {sorted(out)})")
             if not math.isfinite(row["loss"]):

@@ -15,12 +15,26 @@ def test_paper_profile_is_the_paper():
     assert (p.vqae.codebook_size, p.vqae.embed_dim, p.vqae.beta) == (1024, 384, 0.25)
     assert (p.vqae.patch_size, p.vqae.batch_size, p.vqae.lr) == (128, 8, 5e-4)
     assert p.vqae.iterations == 336000 // 8
-    assert (p.diffusion.n_layers, p.diffusion.width, p.diffusion.n_heads, p.diffusion.ff) == (12, 512, 16, 1024)
-    assert (p.diffusion.T, p.diffusion.lr, p.diffusion.warmup, p.diffusion.iterations) == (256, 1e-4, 500, 15000)
+    assert (p.diffusion.n_layers, p.diffusion.width, p.diffusion.n_heads, p.diffusion.ff) == (
+        12,
+        512,
+        16,
+        1024,
+    )
+    assert (p.diffusion.T, p.diffusion.lr, p.diffusion.warmup, p.diffusion.iterations) == (
+        256,
+        1e-4,
+        500,
+        15000,
+    )
     assert (p.sampling.n_pairs, p.sampling.steps, p.sampling.temperature) == (256, 256, 0.9)
     assert p.registration.channels == (8, 16, 32, 64, 64, 64)
     assert p.registration.strides == (2, 2, 1, 2, 1)
-    assert (p.registration.tanh_scale, p.registration.ss_steps, p.registration.smooth_weight) == (0.35, 12, 0.5)
+    assert (p.registration.tanh_scale, p.registration.ss_steps, p.registration.smooth_weight) == (
+        0.35,
+        12,
+        0.5,
+    )
     assert (p.registration.lr, p.registration.scale, p.registration.n_few) == (0.015, 0.5, 10)
     assert (p.evaluation.tta_iterations, p.evaluation.tta_lr) == (50, 0.005)
 

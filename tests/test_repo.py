@@ -20,7 +20,11 @@ def test_there_are_notebooks():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_is_committed_without_outputs(path):
     nb = json.loads(path.read_text())
-    dirty = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))]
+    dirty = [
+        i
+        for i, c in enumerate(nb["cells"])
+        if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))
+    ]
     assert not dirty, f"{path.name}: cells {dirty} have outputs; run `nbstripout {path}`"
 
 
@@ -29,10 +33,16 @@ def test_notebook_has_badge_setup_and_parameters(path):
     nb = json.loads(path.read_text())
     cells = nb["cells"]
     first = "".join(cells[0]["source"])
-    badge = re.search(r"colab\.research\.google\.com/github/[^)\s]+/blob/[^/)\s]+/notebooks/([^)\s]+\.ipynb)", first)
-    assert badge and badge.group(1) == path.name, f"{path.name}: first cell needs a Colab badge pointing at itself"
+    badge = re.search(
+        r"colab\.research\.google\.com/github/[^)\s]+/blob/[^/)\s]+/notebooks/([^)\s]+\.ipynb)", first
+    )
+    assert badge and badge.group(1) == path.name, (
+        f"{path.name}: first cell needs a Colab badge pointing at itself"
+    )
     sources = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
-    assert any("google.colab" in s and "pip install" in s for s in sources[:2]), f"{path.name}: setup cell missing"
+    assert any("google.colab" in s and "pip install" in s for s in sources[:2]), (
+        f"{path.name}: setup cell missing"
+    )
     tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, f"{path.name}: exactly one cell must be tagged 'parameters'"
     names = set(re.findall(r"^(\w+)\s*=", "".join(tagged[0]["source"]), flags=re.M))

@@ -11,7 +11,9 @@ from regdiff_core.utils import atomic_torch_save, autocast, resolve_device, seed
 
 
 def test_write_metrics_is_json_with_null_for_nan(tmp_path):
-    path = write_metrics("99_x", {"a": torch.tensor(1.5), "b": np.float32(2.0), "c": math.nan, "d": (1, 2)}, tmp_path)
+    path = write_metrics(
+        "99_x", {"a": torch.tensor(1.5), "b": np.float32(2.0), "c": math.nan, "d": (1, 2)}, tmp_path
+    )
     assert path == tmp_path / "99_x.json"
     assert json.loads(path.read_text()) == {"a": 1.5, "b": 2.0, "c": None, "d": [1, 2]}
     assert not list(tmp_path.glob("*.tmp"))

@@ -1,0 +1,767 @@
+"""Chapter 3: absorbing (masked) discrete diffusion over VQ-AE token grids.
+
+A paired volume is, after chapter 2, a grid of ``h×w×d`` codebook indices (paper: 16×13×16 = 3328
+tokens, codebook ``K`` = 1024). Absorbing diffusion corrupts such a grid ``x_0`` by replacing each token
+with a special *mask* token (id ``K``) with probability ``t``; at ``t = 1`` everything is masked. A
+bidirectional transformer, the *denoiser*, learns ``p(x_0 | x_t)``; sampling starts from an all-masked
+grid and unmasks it a few tokens at a time, each new token drawn from the denoiser's prediction.
+
+What is here:
+
+- :class:`Denoiser` — token embedding (``K + 1`` ids: the codebook and the mask), a learned position
+  embedding over the ``N = h·w·d`` grid positions, ``nn.TransformerEncoder`` layers (paper: 12 layers,
+  width 512, 16 heads, feed-forward 1024, GELU), a final LayerNorm and a linear head to ``K`` logits;
+  init N(0, 0.02) as the seed. Paper size: 27,987,456 parameters (28.0 M). Attention runs through
+  PyTorch's ``scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU).
+- :func:`sample_t`, :func:`q_sample`, :func:`weighted_elbo_loss` — the training objective: t ~ U{1..T}/T,
+  mask with probability t, cross-entropy on the masked tokens only, weighted by (1 − t), in bits per token.
+- :func:`train_denoiser` — training through the shared :func:`regdiff_core.training.train_loop`
+  (resume, NaN guard, atomic checkpoints), with linear warm-up and optional EMA of the weights.
+- :func:`sample_tokens` — the sampler: all masked; at step i each still-masked token is unmasked with
+  probability 1/(S − i), so any number of steps S ≥ 1 unmasks every token; the new token is drawn from
+  the temperature-scaled categorical in float64 with a ``torch.Generator``; steps that unmask nothing
+  skip the network call.
+- :func:`fill_in`, :func:`evaluate_loss` — one-shot predictions and a held-out loss, for the chapter.
+- :func:`gpu_benchmark` — paper-size timings for ``make gpu-check``.
+
+Where this differs from the seed (``unleashing_utils.py`` of the paper's code), on purpose:
+
+- **Dropout 0.** The seed leaves ``nn.TransformerEncoderLayer``'s default dropout 0.1 on;
+  unleashing-transformers (which the seed adapts) trains without it. The parameter count is the same.
+  ``DiffusionConfig.dropout`` sets it; chapter 3 compares 0.1 with 0 where ``ablation_variants`` lists it
+  (``colab``; ``ci`` skips it because CPU attention with dropout takes a ~10× slower kernel).
+- **Loss normalisation.** The seed divides the weighted cross-entropy by ``ln 2 · K · N`` (it takes
+  ``numel`` of the permuted logits' trailing shape, which includes the codebook axis); we divide by
+  ``ln 2 · N`` as unleashing-transformers does, so the number is in bits per token. The two differ by
+  the constant ``K`` = 1024, which Adam's update all but ignores (only ``eps`` sees it).
+- **float32 logits.** The head runs outside autocast, so the sampler's categorical never sees fp16
+  logits (the seed samples from fp16 logits divided by the temperature).
+- **Warm-up from step 1.** The seed's warm-up sets lr = 0 on its first iteration; ours reaches
+  ``lr · s / warmup`` at step s = 1 … warmup.
+- **Independent layer init.** ``nn.TransformerEncoder`` deep-copies one layer, so all layers would start
+  identical; we build each layer separately, as the seed's ``nn.Sequential`` of fresh layers does.
+- **No inference fast path.** PyTorch's fused encoder-layer path for eval mode materialises the N×N
+  attention on CPU (2–3× slower at N = 3328); the denoiser switches it off, so training and sampling
+  both run through ``scaled_dot_product_attention``.
+- **Stale-checkpoint guard.** A checkpoint trained on other token grids or another architecture is
+  not resumed (:func:`train_denoiser` keeps a fingerprint next to it).
+- **Reproducible sampling.** Which tokens to unmask and which codes to draw come from one
+  ``torch.Generator`` (inverse-CDF draws from explicit uniforms), so a seed fixes the samples on any
+  device up to floating-point differences in the logits.
+
+Left out: the seed's ``torch.compile`` (a slow first call, and fragile on CPU and Colab) and its per-1500-iteration preview images (the notebook shows samples instead). The
+state-dict keys differ from the seed's (``transformer.layers.i`` instead of ``transformer.i``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from regdiff_core.config import DiffusionConfig, Profile, get_profile
+from regdiff_core.training import train_loop
+from regdiff_core.utils import atomic_torch_save, autocast, count_parameters
+
+#: Files this chapter writes under ``work_dir``.
+MODEL_FILE = Path("diffusion") / "model.pt"
+STATE_FILE = Path("diffusion") / "train_state.pt"
+HISTORY_FILE = Path("diffusion") / "history.csv"
+
+#: The variants chapter 3 can compare (``DiffusionConfig.ablation_variants`` picks them): name → overrides.
+#: "baseline" is the profile's own setting (paper: post-norm, dropout 0, no EMA).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "pre-norm": {"pre_norm": True},
+    "dropout 0.1 (seed)": {"dropout": 0.1},
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# The denoiser
+# --------------------------------------------------------------------------------------------------
+
+
+class Denoiser(nn.Module):
+    """Bidirectional transformer ``p(x_0 | x_t)`` over a flattened token grid.
+
+    ``forward(x_t)``: ``x_t`` (B, N) long in ``[0, K]`` (``K`` = mask id) → logits (B, N, K) float32.
+    """
+
+    def __init__(self, codebook_size: int, grid: tuple[int, ...], cfg: DiffusionConfig) -> None:
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.grid = tuple(int(g) for g in grid)
+        self.n_tokens = n_tokens = math.prod(self.grid)
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(codebook_size + 1, cfg.width)
+        self.position_embedding = nn.Embedding(n_tokens, cfg.width)
+
+        def layer() -> nn.TransformerEncoderLayer:
+            return nn.TransformerEncoderLayer(
+                cfg.width, cfg.n_heads, dim_feedforward=cfg.ff, dropout=cfg.dropout, activation="gelu",
+                batch_first=True, norm_first=cfg.pre_norm,
+            )  # fmt: skip
+
+        self.transformer = nn.TransformerEncoder(layer(), cfg.n_layers, enable_nested_tensor=False)
+        # TransformerEncoder deep-copies one layer (identical initial weights); build each one afresh
+        self.transformer.layers = nn.ModuleList(layer() for _ in range(cfg.n_layers))
+        self.layer_norm = nn.LayerNorm(cfg.width)
+        self.head = nn.Linear(cfg.width, codebook_size, bias=False)
+        for weight in (self.token_embedding.weight, self.position_embedding.weight, self.head.weight):
+            nn.init.normal_(weight, mean=0.0, std=0.02)
+
+    @property
+    def mask_id(self) -> int:
+        """The absorbing state's id: one past the last codebook index."""
+        return self.codebook_size
+
+    def forward(self, x_t: torch.Tensor) -> torch.Tensor:
+        h = self.token_embedding(x_t) + self.position_embedding.weight.unsqueeze(0)
+        # PyTorch's inference "fast path" for encoder layers materialises the N×N attention on CPU
+        # (2–3× slower here); without it every mode runs through scaled_dot_product_attention
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            h = self.layer_norm(self.transformer(h))
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+        # the head in float32 even under autocast: the categorical must not be drawn from fp16 logits
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return self.head(h.float())
+
+
+def token_grid(profile: Profile) -> tuple[int, int, int]:
+    """Token grid (h, w, d) of the profile: the volume shape divided by the VQ-AE's total stride."""
+    factor = math.prod(profile.vqae.strides)
+    shape = profile.data.shape
+    if any(s % factor for s in shape):
+        raise ValueError(f"data.shape {shape} is not divisible by the VQ-AE's total stride {factor}")
+    return tuple(s // factor for s in shape)  # type: ignore[return-value]
+
+
+def architecture_row(profile: Profile) -> dict[str, Any]:
+    """One table row describing the profile's denoiser, with its parameter count in millions."""
+    cfg, grid = profile.diffusion, token_grid(profile)
+    params = count_parameters(build_denoiser(cfg, profile.vqae.codebook_size, grid))
+    return {
+        "profile": profile.name, "layers": cfg.n_layers, "width": cfg.width, "heads": cfg.n_heads,
+        "feed-forward": cfg.ff, "dropout": cfg.dropout, "pre-norm": cfg.pre_norm, "tokens N": math.prod(grid),
+        "codebook K": profile.vqae.codebook_size, "parameters (M)": round(params / 1e6, 2),
+    }  # fmt: skip
+
+
+def build_denoiser(cfg: DiffusionConfig, codebook_size: int, grid: tuple[int, ...]) -> Denoiser:
+    """A freshly initialised :class:`Denoiser` for a codebook of ``codebook_size`` and a token ``grid``."""
+    return Denoiser(codebook_size, grid, cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# The forward (masking) process and the loss
+# --------------------------------------------------------------------------------------------------
+
+
+class MaskedTokens(NamedTuple):
+    """``x_t`` (B, N) long: ``x_0`` with masked positions set to the mask id; ``mask`` (B, N) bool."""
+
+    x_t: torch.Tensor
+    mask: torch.Tensor
+
+
+class DiffusionLoss(NamedTuple):
+    """Scalars (0-d tensors). ``loss``: reweighted ELBO, bits/token (what is optimised);
+    ``elbo``: the unweighted variational bound term CE/t, bits/token (an estimate of −log p per token);
+    ``accuracy``: fraction of masked tokens whose argmax prediction is right."""
+
+    loss: torch.Tensor
+    elbo: torch.Tensor
+    accuracy: torch.Tensor
+
+
+def sample_t(batch_size: int, T: int, *, device: torch.device | str = "cpu", generator=None) -> torch.Tensor:
+    """Diffusion times ``t`` (B,) float, uniform on {1/T, 2/T, …, 1}."""
+    # t ~ U{1, …, T} / T
+    steps = torch.randint(
+        1, T + 1, (batch_size,), generator=generator, device=generator.device if generator else device
+    )
+    return (steps.float() / T).to(device)
+
+
+def q_sample(x_0: torch.Tensor, t: torch.Tensor, mask_id: int, *, generator=None) -> MaskedTokens:
+    """Absorbing forward process ``q(x_t | x_0)``: each token independently becomes ``mask_id`` w.p. ``t``.
+
+    ``x_0`` (B, N) long; ``t`` (B,) float in (0, 1].
+    """
+    u = torch.rand(x_0.shape, generator=generator, device=generator.device if generator else x_0.device)
+    # m_n ~ Bernoulli(t)
+    mask = u.to(x_0.device) < t.to(x_0.device).unsqueeze(-1)
+    x_t = torch.where(mask, torch.full_like(x_0, mask_id), x_0)
+    return MaskedTokens(x_t=x_t, mask=mask)
+
+
+def weighted_elbo_loss(
+    logits: torch.Tensor, x_0: torch.Tensor, mask: torch.Tensor, t: torch.Tensor
+) -> DiffusionLoss:
+    """The seed's reweighted ELBO in bits per token, and the plain ELBO term for reporting.
+
+    ``logits`` (B, N, K); ``x_0`` (B, N) long; ``mask`` (B, N) bool (True = masked); ``t`` (B,).
+    Unmasked positions contribute nothing (the denoiser sees them; predicting them is trivial).
+    """
+    B, N, _ = logits.shape
+    ce = F.cross_entropy(logits.float().reshape(B * N, -1), x_0.reshape(-1), reduction="none").view(B, N)
+    # CE_b = Σ_{n masked} −log p(x_0,n | x_t)   (nats)
+    ce_sum = (ce * mask).sum(dim=1)
+    # L = mean_b (1 − t_b) · CE_b / (ln 2 · N)
+    loss = ((1.0 - t) * ce_sum / (math.log(2) * N)).mean()
+    # L_vb = mean_b CE_b / t_b / (ln 2 · N): the ELBO term, unbiased over t ~ U{1..T}/T
+    elbo = (ce_sum / t / (math.log(2) * N)).mean()
+    hits = ((logits.argmax(-1) == x_0) & mask).sum()
+    accuracy = hits / mask.sum().clamp(min=1)
+    return DiffusionLoss(loss=loss, elbo=elbo.detach(), accuracy=accuracy.detach().float())
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+class _Warmup:
+    """lr factor min(1, s / warmup) at optimiser step s = 1, 2, … (a class, so LambdaLR can pickle it)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = max(int(warmup), 1)
+
+    def __call__(self, epoch: int) -> float:
+        # LambdaLR calls with 0 before the first step, so step s uses epoch = s − 1
+        return min(1.0, (epoch + 1) / self.warmup)
+
+
+class DiffusionRun(NamedTuple):
+    """What :func:`train_denoiser` returns. ``denoiser`` is in eval mode; ``ema`` the EMA copy or None."""
+
+    denoiser: Denoiser
+    ema: Denoiser | None
+    history: list[dict[str, float]]
+    seconds: float
+    params: int
+    model_path: Path
+
+
+def _tokens_as_sequences(tokens) -> tuple[torch.Tensor, int, tuple[int, ...]]:
+    """``Tokens`` NamedTuple (or a dict / a tensor) → (N_grids, N) long, codebook size, grid."""
+    if isinstance(tokens, torch.Tensor):
+        raise TypeError("pass a Tokens record (tokens, cases, grid, codebook_size), not a bare tensor")
+    grid = tuple(int(g) for g in tokens.grid)
+    x = tokens.tokens.reshape(len(tokens.tokens), -1).long()
+    return x, int(tokens.codebook_size), grid
+
+
+#: Settings that may change between runs without invalidating a checkpoint (more iterations resume it).
+_RESUMABLE_FIELDS = ("iterations", "ckpt_every", "log_every", "ablation_iterations", "ablation_ema")
+
+
+def _forget_stale_checkpoint(out_dir: Path, x_all: torch.Tensor, cfg: DiffusionConfig) -> None:
+    """Delete ``out_dir``'s checkpoint when it was trained on other tokens or another architecture.
+
+    Without this, retraining the VQ-AE (new tokens) and rerunning chapter 3 would silently resume — or
+    reuse — a denoiser of the old tokens. The fingerprint (sha256 of the token grids and the settings)
+    lives in ``out_dir/fingerprint.json``.
+    """
+    import hashlib
+    import json
+
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE_FIELDS}
+    digest = hashlib.sha256(x_all.cpu().numpy().tobytes())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    fingerprint = digest.hexdigest()
+    path = out_dir / "fingerprint.json"
+    state = out_dir / STATE_FILE.name
+    if state.exists() and (not path.exists() or json.loads(path.read_text()).get("sha256") != fingerprint):
+        print(f"[diffusion] {state} was trained on other tokens or settings: starting afresh")
+        state.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"sha256": fingerprint}) + "\n")
+
+
+def train_denoiser(
+    profile: Profile,
+    work_dir: str | Path,
+    device: torch.device,
+    *,
+    tokens=None,
+    cfg: DiffusionConfig | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> DiffusionRun:
+    """Train the denoiser on the token grids of chapter 2 (``work_dir/tokens.pt``) and save it.
+
+    ``cfg`` defaults to ``profile.diffusion``; ``out_dir`` to ``work_dir/diffusion``. Writes
+    ``out_dir/model.pt`` (weights + architecture), ``out_dir/train_state.pt`` (the resumable checkpoint)
+    and ``out_dir/history.csv``. If a finished checkpoint is already there, nothing is retrained.
+    History columns: ``loss`` and ``elbo`` (bits/token), ``accuracy`` (masked tokens), ``lr``.
+    """
+    work_dir = Path(work_dir)
+    cfg = cfg or profile.diffusion
+    out_dir = Path(out_dir) if out_dir is not None else work_dir / MODEL_FILE.parent
+    if tokens is None:
+        from regdiff_core.vqae import load_tokens
+
+        tokens = load_tokens(work_dir)
+    x_all, codebook_size, grid = _tokens_as_sequences(tokens)
+    _forget_stale_checkpoint(out_dir, x_all, cfg)
+    x_all = x_all.to(device)
+    denoiser = build_denoiser(cfg, codebook_size, grid).to(device)
+    optimiser = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _Warmup(cfg.warmup))
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    state: dict[str, Any] = {
+        "denoiser": denoiser,
+        "optimiser": optimiser,
+        "scheduler": scheduler,
+        "scaler": scaler,
+    }
+    ema = None
+    if cfg.ema is not None:
+        ema = torch.optim.swa_utils.AveragedModel(
+            denoiser, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema)
+        )
+        state["ema"] = ema
+    n_grids = len(x_all)
+
+    def step_fn(step: int) -> dict[str, Any]:
+        denoiser.train()
+        # a batch of distinct grids when there are enough (the seed's randperm), else with replacement
+        if n_grids >= cfg.batch_size:
+            idx = torch.randperm(n_grids)[: cfg.batch_size]
+        else:
+            idx = torch.randint(0, n_grids, (cfg.batch_size,))
+        x_0 = x_all[idx.to(device)]
+        t = sample_t(cfg.batch_size, cfg.T, device=device)
+        x_t, mask = q_sample(x_0, t, denoiser.mask_id)
+        with autocast(device, use_amp):
+            logits = denoiser(x_t)
+        out = weighted_elbo_loss(logits, x_0, mask, t)
+        optimiser.zero_grad(set_to_none=True)
+        scaler.scale(out.loss).backward()
+        scaler.step(optimiser)
+        scaler.update()
+        lr = optimiser.param_groups[0]["lr"]
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(denoiser)
+        return {"loss": out.loss.detach(), "elbo": out.elbo, "accuracy": out.accuracy, "lr": lr}
+
+    result = train_loop(
+        step_fn, state, cfg.iterations, ckpt_path=out_dir / STATE_FILE.name, ckpt_every=cfg.ckpt_every,
+        log_every=cfg.log_every, history_csv=out_dir / HISTORY_FILE.name, desc="diffusion", progress=progress,
+    )  # fmt: skip
+    denoiser.eval()
+    ema_net = ema.module.eval() if ema is not None else None
+    payload = {
+        "config": dataclasses.asdict(cfg),
+        "codebook_size": codebook_size,
+        "grid": grid,
+        "state_dict": denoiser.state_dict(),
+        "ema_state_dict": ema_net.state_dict() if ema_net is not None else None,
+        "steps": result.steps,
+    }
+    model_path = atomic_torch_save(payload, out_dir / MODEL_FILE.name)
+    return DiffusionRun(
+        denoiser=denoiser, ema=ema_net, history=result.history, seconds=result.seconds,
+        params=count_parameters(denoiser), model_path=model_path,
+    )  # fmt: skip
+
+
+def load_denoiser(
+    work_dir: str | Path, device: torch.device, *, ema: bool | None = None, path: str | Path | None = None
+) -> Denoiser:
+    """The trained denoiser from ``work_dir/diffusion/model.pt`` (or ``path``), in eval mode.
+
+    ``ema=None`` uses the EMA weights when the run kept them; ``True`` requires them; ``False`` never.
+    The architecture comes from the file, so a checkpoint loads whatever profile is active.
+    """
+    path = Path(path) if path is not None else Path(work_dir) / MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no denoiser at {path}: run chapter 3 (notebooks/03_absorbing_diffusion.ipynb) or "
+            "`python -m regdiff_core train-diffusion --profile <P> --work-dir <W>` first"
+        )
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = DiffusionConfig(**payload["config"])
+    denoiser = build_denoiser(cfg, payload["codebook_size"], tuple(payload["grid"]))
+    weights = payload["state_dict"]
+    if ema or (ema is None and payload.get("ema_state_dict") is not None):
+        if payload.get("ema_state_dict") is None:
+            raise KeyError(f"{path} holds no EMA weights (the run had DiffusionConfig.ema = None)")
+        weights = payload["ema_state_dict"]
+    denoiser.load_state_dict(weights)
+    return denoiser.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation helpers for the chapter
+# --------------------------------------------------------------------------------------------------
+
+
+class FillIn(NamedTuple):
+    """One-shot reconstruction of a partly masked grid. Tensors (B, N); ``accuracy`` over masked tokens."""
+
+    x_t: torch.Tensor
+    mask: torch.Tensor
+    x_hat: torch.Tensor
+    accuracy: float
+
+
+@torch.no_grad()
+def fill_in(denoiser: Denoiser, x_0: torch.Tensor, mask_ratio: float, *, generator=None) -> FillIn:
+    """Mask exactly ``round(mask_ratio · N)`` random tokens of each grid and predict them (argmax).
+
+    ``x_0`` (B, N) long. Unmasked positions keep their true token in ``x_hat``.
+    """
+    device = next(denoiser.parameters()).device
+    x_0 = x_0.to(device)
+    B, N = x_0.shape
+    k = int(round(mask_ratio * N))
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    order = torch.stack([torch.randperm(N, generator=generator, device=gen_device) for _ in range(B)])
+    mask = (order < k).to(device)
+    x_t = torch.where(mask, torch.full_like(x_0, denoiser.mask_id), x_0)
+    x_hat = torch.where(mask, denoiser(x_t).argmax(-1), x_0)
+    accuracy = float(((x_hat == x_0) & mask).sum() / mask.sum().clamp(min=1))
+    return FillIn(x_t=x_t, mask=mask, x_hat=x_hat, accuracy=accuracy)
+
+
+@torch.no_grad()
+def evaluate_loss(
+    denoiser: Denoiser, x_0: torch.Tensor, T: int, *, levels: int = 4, batch_size: int = 4, generator=None
+) -> dict[str, float]:
+    """Held-out loss: the training objective averaged over ``levels`` evenly spaced t (midpoint rule).
+
+    ``x_0`` (B, N) long. Returns ``loss`` and ``elbo`` (bits/token) and ``accuracy`` (masked tokens).
+    """
+    device = next(denoiser.parameters()).device
+    was_training = denoiser.training
+    denoiser.eval()
+    totals = {"loss": 0.0, "elbo": 0.0, "accuracy": 0.0}
+    count = 0
+    for k in range(levels):
+        # t_k = round((k + ½) T / levels) / T, the midpoint of the k-th slice of U{1..T}/T
+        t_k = max(1, round((k + 0.5) * T / levels)) / T
+        for chunk in x_0.split(batch_size):
+            chunk = chunk.to(device)
+            t = torch.full((len(chunk),), t_k, device=device)
+            x_t, mask = q_sample(chunk, t, denoiser.mask_id, generator=generator)
+            out = weighted_elbo_loss(denoiser(x_t), chunk, mask, t)
+            for name in totals:
+                totals[name] += float(getattr(out, name)) * len(chunk)
+            count += len(chunk)
+    denoiser.train(was_training)
+    return {name: value / count for name, value in totals.items()}
+
+
+def compare_variants(
+    profile: Profile,
+    work_dir: str | Path,
+    device: torch.device,
+    x_heldout: torch.Tensor,
+    *,
+    tokens=None,
+    variants: dict[str, dict[str, Any]] | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Train each variant of ``diffusion.ablation_variants`` (see :data:`ABLATIONS`) for
+    ``diffusion.ablation_iterations`` steps from the same seed (the global RNG is reseeded with
+    ``seed``), tracking an EMA (decay ``diffusion.ablation_ema``), and score raw and EMA weights by
+    :func:`evaluate_loss` on ``x_heldout`` (B, N). One row per variant and weights; ``[]`` when
+    ``ablation_iterations`` is 0. Runs are cached under ``work_dir/diffusion/ablation/variant_<k>``.
+    """
+    from regdiff_core.utils import seed_everything
+
+    base = profile.diffusion
+    if base.ablation_iterations <= 0:
+        return []
+    if variants is None:
+        unknown = set(base.ablation_variants) - set(ABLATIONS)
+        if unknown:
+            raise ValueError(
+                f"diffusion.ablation_variants: unknown {sorted(unknown)}; known {sorted(ABLATIONS)}"
+            )
+        variants = {name: ABLATIONS[name] for name in base.ablation_variants}
+    rows = []
+    for k, (name, change) in enumerate(variants.items()):
+        cfg = dataclasses.replace(
+            base, iterations=base.ablation_iterations, ema=base.ablation_ema, ckpt_every=base.ablation_iterations,
+            **change,
+        )  # fmt: skip
+        seed_everything(seed)
+        run = train_denoiser(
+            profile, work_dir, device, tokens=tokens, cfg=cfg,
+            out_dir=Path(work_dir) / "diffusion" / "ablation" / f"variant_{k}", progress=False,
+        )  # fmt: skip
+        tail = run.history[-base.log_every :]
+        for weights, net in (("raw", run.denoiser), (f"EMA {cfg.ema}", run.ema)):
+            score = evaluate_loss(net, x_heldout, cfg.T, generator=torch.Generator().manual_seed(seed))
+            rows.append({
+                "variant": name, "weights": weights, "steps": len(run.history),
+                "train loss (last steps)": sum(r["loss"] for r in tail) / max(len(tail), 1),
+                "held-out loss": score["loss"], "held-out ELBO": score["elbo"],
+                "held-out accuracy": score["accuracy"], "seconds": run.seconds,
+            })  # fmt: skip
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# The sampler
+# --------------------------------------------------------------------------------------------------
+
+
+class TokenSamples(NamedTuple):
+    """``tokens`` (n, h, w, d) long; ``unmask_step`` (n, h, w, d) long: the step (0 … S−1) at which each
+    token was drawn, so the grid after step i is ``tokens`` where ``unmask_step <= i`` and masked elsewhere;
+    ``steps``: S; ``network_calls``: denoiser evaluations (steps that unmask nothing are skipped);
+    ``seconds``: wall time."""
+
+    tokens: torch.Tensor
+    unmask_step: torch.Tensor
+    steps: int
+    network_calls: int
+    seconds: float
+
+
+def unmask_probability(step: int, steps: int) -> float:
+    """The sampler's schedule: at step ``i`` (0-based) a still-masked token is unmasked w.p. 1/(S − i).
+
+    Under it every token is unmasked at a step uniform on {0, …, S−1}: P(step i) =
+    Π_{j<i} (1 − 1/(S−j)) · 1/(S−i) = (S−i)/S · 1/(S−i) = 1/S; and at i = S − 1 the probability is 1.
+    """
+    if not 0 <= step < steps:
+        raise ValueError(f"step {step} outside 0 … {steps - 1}")
+    return 1.0 / (steps - step)
+
+
+def _draw_categorical(logits: torch.Tensor, temperature: float, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw from softmax(logits / temperature) in float64; ``u`` (M,) uniform on [0, 1)."""
+    # p_k = softmax(ℓ_k / τ), computed in float64
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    cdf = p.cumsum(-1)
+    # k = min{k : F_k > u · F_K}
+    k = torch.searchsorted(cdf, (u.double() * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return k.clamp_(max=p.shape[-1] - 1)
+
+
+@torch.no_grad()
+def sample_tokens(
+    denoiser: Denoiser,
+    n: int,
+    *,
+    steps: int | None = None,
+    temperature: float = 0.9,
+    batch_size: int = 2,
+    generator: torch.Generator | None = None,
+    amp: bool = True,
+    progress: bool = False,
+) -> TokenSamples:
+    """Draw ``n`` token grids from the denoiser by iterative unmasking.
+
+    ``steps`` S (default the training T): at step i = 0 … S−1 each still-masked token is unmasked with
+    probability 1/(S − i) and replaced by a draw from softmax(logits / ``temperature``). All randomness
+    (which tokens, which values) comes from ``generator`` (a CPU generator works for any device: the
+    uniforms are drawn on the generator's device and copied), so a seeded generator gives the same grids.
+    """
+    device = next(denoiser.parameters()).device
+    S = int(steps if steps is not None else denoiser.cfg.T)
+    if S < 1:
+        raise ValueError(f"steps must be >= 1, got {S}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    grid, N = denoiser.grid, denoiser.n_tokens
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+    gen_device = generator.device
+    K = denoiser.codebook_size
+    use_amp = amp and device.type == "cuda"
+    was_training = denoiser.training
+    denoiser.eval()
+    out_tokens, out_steps, calls = [], [], 0
+    t0 = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n * S, desc="sampling", disable=not progress, mininterval=1.0)
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        # x_S: every token absorbed
+        x_t = torch.full((b * N,), denoiser.mask_id, dtype=torch.long, device=device)
+        masked = torch.ones(b * N, dtype=torch.bool, device=gen_device)
+        unmask_step = torch.full((b * N,), -1, dtype=torch.long, device=gen_device)
+        for i in range(S):
+            u = torch.rand(b * N, generator=generator, device=gen_device)
+            # unmask each still-masked token w.p. 1/(S − i)
+            change = masked & (u < unmask_probability(i, S))
+            where = change.nonzero().squeeze(-1)
+            bar.update(b)
+            if where.numel() == 0:
+                continue  # nothing to unmask at this step: no network call
+            with autocast(device, use_amp):
+                logits = denoiser(x_t.view(b, N))
+            calls += 1
+            u_k = torch.rand(where.numel(), generator=generator, device=gen_device)
+            where_dev = where.to(device)
+            # x_0,n ~ Cat(softmax(ℓ_n / τ)) only at the newly unmasked positions
+            x_t[where_dev] = _draw_categorical(logits.view(b * N, K)[where_dev], temperature, u_k.to(device))
+            masked &= ~change
+            unmask_step[where] = i
+        out_tokens.append(x_t.view(b, *grid).cpu())
+        out_steps.append(unmask_step.view(b, *grid).cpu())
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    denoiser.train(was_training)
+    return TokenSamples(
+        tokens=torch.cat(out_tokens), unmask_step=torch.cat(out_steps), steps=S, network_calls=calls,
+        seconds=time.perf_counter() - t0,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Pictures of token grids
+# --------------------------------------------------------------------------------------------------
+
+#: Mask ratios at which chapter 3 lets the denoiser fill in a held-out grid.
+FILL_IN_RATIOS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+def token_slice_rgb(x: torch.Tensor, mask_id: int, axis: int = 1, index: int | None = None):
+    """One slice of a token grid (h, w, d) as an RGB image (v, u, 3) for ``imshow(origin="lower")``:
+    each code gets a colour of ``tab20`` (cycled, so colours repeat every 20 codes); masked = light grey."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    x = x.detach().cpu()
+    index = x.shape[axis] // 2 if index is None else index
+    s = np.take(x.numpy(), index, axis=axis)
+    rgb = plt.get_cmap("tab20")(s % 20)[..., :3]
+    rgb[s == mask_id] = 0.85
+    return np.swapaxes(rgb, 0, 1)
+
+
+def plot_token_grids(grids, titles, mask_id: int, axis: int = 1, size: float = 2.4):
+    """Middle slices of several token grids (h, w, d) side by side; grey = masked."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(grids), figsize=(size * len(grids), size * 1.1), constrained_layout=True,
+                             squeeze=False)  # fmt: skip
+    for ax, x, title in zip(axes[0], grids, titles):
+        ax.imshow(token_slice_rgb(x, mask_id, axis), origin="lower", interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI and GPU check
+# --------------------------------------------------------------------------------------------------
+
+
+def register_cli(subparsers, common) -> None:
+    p = subparsers.add_parser(
+        "train-diffusion",
+        parents=[common],
+        help="chapter 3: train the absorbing-diffusion denoiser on tokens.pt",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cli_train)
+
+
+def _cli_train(args, profile: Profile) -> int:
+    from regdiff_core.utils import resolve_device, seed_everything
+
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    run = train_denoiser(profile, Path(args.work_dir), device, progress=not args.no_progress)
+    last = run.history[-1] if run.history else {}
+    print(
+        f"[train-diffusion] profile={profile.name} params={run.params:,} steps={len(run.history)} "
+        f"final loss={last.get('loss', float('nan')):.4f} bits/token → {run.model_path}"
+    )
+    return 0
+
+
+def gpu_benchmark(device: torch.device, small: bool = False) -> dict[str, Any]:
+    """Paper-size timings: sampling 2 pairs at T = 256 steps including the VQ-AE decode, and one
+    training step (batch 8, AMP on CUDA). Random weights: the cost does not depend on them.
+
+    ``small=True``: the same code at toy sizes (CPU smoke test).
+    """
+    from regdiff_core.vqae import build_vqae
+
+    profile = get_profile("paper")
+    cfg, vqae_cfg, grid = profile.diffusion, profile.vqae, token_grid(profile)
+    if small:  # a few seconds on a CPU: tiny networks on a 4×4×4 token grid (8³ voxels)
+        cfg = dataclasses.replace(cfg, n_layers=1, width=16, n_heads=2, ff=32, T=8, batch_size=2)
+        vqae_cfg = dataclasses.replace(
+            vqae_cfg, channels=(4, 8), strides=(1, 2), embed_dim=8, codebook_size=16
+        )
+        grid = (4, 4, 4)
+    vqae = build_vqae(vqae_cfg).to(device).eval()
+    denoiser = build_denoiser(cfg, vqae_cfg.codebook_size, grid).to(device).eval()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    gen = torch.Generator().manual_seed(0)
+    n_pairs = 2
+    # warm-up: kernels, cuDNN autotuning and allocator, outside the timing
+    sample_tokens(denoiser, n_pairs, steps=2, batch_size=n_pairs, generator=gen, amp=cfg.amp)
+    with torch.no_grad(), autocast(device, cfg.amp):
+        vqae.decode(torch.zeros(n_pairs, *grid, dtype=torch.long, device=device))
+    sync()
+    t0 = time.perf_counter()
+    samples = sample_tokens(denoiser, n_pairs, steps=cfg.T, temperature=profile.sampling.temperature,
+                            batch_size=n_pairs, generator=gen, amp=cfg.amp)  # fmt: skip
+    sync()
+    t1 = time.perf_counter()
+    with torch.no_grad(), autocast(device, cfg.amp):
+        volumes = vqae.decode(samples.tokens.to(device)).float()
+    sync()
+    t2 = time.perf_counter()
+    del volumes, vqae
+    # one training step (after one warm-up step)
+    denoiser.train()
+    optimiser = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    x_0 = torch.randint(0, vqae_cfg.codebook_size, (cfg.batch_size, math.prod(grid)), device=device)
+    times = []
+    for _ in range(2):
+        sync()
+        s0 = time.perf_counter()
+        t = sample_t(cfg.batch_size, cfg.T, device=device)
+        x_t, mask = q_sample(x_0, t, denoiser.mask_id)
+        with autocast(device, use_amp):
+            logits = denoiser(x_t)
+        loss = weighted_elbo_loss(logits, x_0, mask, t).loss
+        optimiser.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimiser)
+        scaler.update()
+        sync()
+        times.append(time.perf_counter() - s0)
+    return {
+        "params": count_parameters(denoiser),
+        "grid": list(grid),
+        "steps": cfg.T,
+        "sample_2_pairs_seconds": round(t2 - t0, 3),
+        "sample_tokens_seconds": round(t1 - t0, 3),
+        "decode_2_pairs_seconds": round(t2 - t1, 3),
+        "network_calls": samples.network_calls,
+        "train_step_seconds": round(times[-1], 4),
+        "train_batch": cfg.batch_size,
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+        if device.type == "cuda"
+        else None,
+    }

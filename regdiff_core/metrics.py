@@ -1,0 +1,545 @@
+"""Chapter 6: how good is a registration — landmark error, overlap, smoothness, inverse consistency.
+
+Metrics (all on displacement fields in the convention of :mod:`regdiff_core.registration`: voxels of
+the grid the field lives on, channel ``c`` along axis ``c``, pull-back, A∘φ_AB ≈ B):
+
+* **TRE** (target registration error, mm): each moving landmark m is carried to m + u_AB(m) by the
+  displacement sampled (trilinearly) at m on the registration grid; the distance to its fixed partner
+  f is measured in the canonical 256×208×256 frame and scaled by the voxel spacing (mm per canonical
+  voxel). Landmarks move between frames with align_corners=False geometry
+  (:func:`~regdiff_core.registration.rescale_points`, the same formula as
+  :func:`regdiff_core.data.canonical_to_profile`), so TRE is comparable at every profile resolution.
+  The paper reports canonical voxels; the spacing of the test scans is 1.00 ± 0.003 mm, so the two
+  agree to well under 1 %.
+* **Dice** of the warped fixed mask and the moving mask (threshold ½), at the profile resolution.
+* **Jacobian determinant** det(I + ∇u) by central differences: % of voxels with det ≤ 0 (folding) and
+  the standard deviation of log det (SDlogJ; det clamped at 1e-9 first so that folded voxels count as
+  very large log-contractions instead of NaN — Learn2Reg's evaluation adds 3 before the log instead,
+  which damps the value; we do not).
+* **Inverse-consistency error** mean ‖φ_AB ∘ φ_BA − id‖ in mm over the grid: zero by construction up to
+  interpolation error for this network, and the number that shows it.
+
+Then the chapter's evaluation: every trained regime on the test pairs, without and with test-time
+adaptation (:func:`evaluate_model`), tables in the paper's shape with the paper's own numbers read
+from its result CSVs (:func:`paper_results`), and box plots.
+
+Left out on purpose: the Hausdorff distance and per-lobe Dice (no lobe labels in the release), and
+statistical tests between regimes (six test pairs at ``ci`` scale cannot carry them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from regdiff_core.config import ALL_TEST_CASES, BENCHMARK_TEST_CASES, CANONICAL_SHAPE, Profile
+from regdiff_core.registration import (
+    TwoStepRegistration,
+    compose,
+    registration_grid,
+    rescale_points,
+    resize_field,
+    test_time_adapt,
+    to_grid,
+    warp,
+)
+
+# --------------------------------------------------------------------------------------------------
+# Metrics on fields.
+# --------------------------------------------------------------------------------------------------
+
+
+def sample_field(ddf: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of a field ``ddf`` (dim, *S) at ``points`` (N, dim) voxel indices → (N, dim).
+
+    Outside the grid the nearest border value is used (as everywhere a displacement is resampled here).
+    """
+    dim = ddf.shape[0]
+    sizes = torch.tensor(ddf.shape[1:], dtype=points.dtype, device=points.device)
+    # voxel index → grid_sample units (align_corners=True), last axis first
+    normalised = (2 * points / (sizes - 1).clamp(min=1) - 1).flip(-1)
+    grid = normalised.view(1, -1, *([1] * (dim - 1)), dim).to(ddf.dtype)
+    out = F.grid_sample(ddf.unsqueeze(0), grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return out.reshape(dim, -1).t()
+
+
+class TRE(NamedTuple):
+    """Per-landmark errors in mm: ``initial`` ‖f − m‖, ``registered`` ‖f − (m + u(m))‖; both (N,)."""
+
+    initial: torch.Tensor
+    registered: torch.Tensor
+    moved: torch.Tensor  # (N, dim) moved moving landmarks, canonical voxels
+
+
+def target_registration_error(
+    phi_AB: torch.Tensor | None,
+    fixed_points: torch.Tensor,
+    moving_points: torch.Tensor,
+    spacing: Sequence[float] | torch.Tensor,
+    frame_shape: Sequence[int] = CANONICAL_SHAPE,
+) -> TRE:
+    """TRE of a map ``phi_AB`` (dim, *S) in voxels of its grid S (None = identity).
+
+    ``fixed_points``, ``moving_points``: (N, dim) voxel indices in the frame of ``frame_shape`` (the
+    canonical 256×208×256); ``spacing``: (dim,) mm per frame voxel.
+    """
+    f = fixed_points.double()
+    m = moving_points.double()
+    mm = torch.as_tensor(spacing, dtype=torch.float64)
+    if phi_AB is None:
+        moved = m
+    else:
+        grid_shape = tuple(phi_AB.shape[1:])
+        m_grid = rescale_points(m, frame_shape, grid_shape)
+        u_grid = sample_field(phi_AB.double().cpu(), m_grid)
+        # a displacement of u voxels on a size-s grid is u·S/s voxels of the size-S frame
+        per_voxel = torch.tensor([S / s for S, s in zip(frame_shape, grid_shape)], dtype=torch.float64)
+        moved = m + u_grid * per_voxel
+    # TRE = ‖(f − (m + u(m)))·spacing‖
+    return TRE(((f - m) * mm).norm(dim=-1), ((f - moved) * mm).norm(dim=-1), moved)
+
+
+def dice(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.5) -> float:
+    """Dice 2|A∩B| / (|A| + |B|) of two masks or probability maps (``> threshold``); 1.0 for two empty masks."""
+    a = a > threshold
+    b = b > threshold
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
+    """det(I + ∇u) of ``ddf`` (B, dim, *S) in voxels → (B, *S); central differences (one-sided at the edges)."""
+    dim = ddf.shape[1]
+    # J[..., i, j] = δ_ij + ∂u_i/∂x_j
+    grads = [torch.stack(torch.gradient(ddf[:, i], dim=list(range(1, dim + 1))), -1) for i in range(dim)]
+    J = torch.stack(grads, -2) + torch.eye(dim, dtype=ddf.dtype, device=ddf.device)
+    return torch.linalg.det(J.double()).to(ddf.dtype)
+
+
+class JacobianStats(NamedTuple):
+    folding_percent: float  # % of voxels with det ≤ 0
+    sdlogj: float  # std of log(max(det, 1e-9))
+
+
+def jacobian_stats(ddf: torch.Tensor) -> JacobianStats:
+    """Folding % and SDlogJ of ``ddf`` (B, dim, *S), voxels, over all voxels of the batch."""
+    det = jacobian_determinant(ddf.double())
+    folding = float((det <= 0).double().mean() * 100)
+    sdlogj = float(det.clamp(min=1e-9).log().std())
+    return JacobianStats(folding, sdlogj)
+
+
+def inverse_consistency_error(
+    phi_AB: torch.Tensor, phi_BA: torch.Tensor, mm_per_voxel: Sequence[float] | None = None
+) -> float:
+    """Mean ‖φ_AB ∘ φ_BA − id‖ over the grid. Fields (B, dim, *S) in voxels; in mm if ``mm_per_voxel`` (dim,)."""
+    residual = compose(phi_AB, phi_BA)  # displacement of φ_AB ∘ φ_BA; id has none
+    if mm_per_voxel is not None:
+        scale = torch.as_tensor(mm_per_voxel, dtype=residual.dtype, device=residual.device)
+        residual = residual * scale.view(1, -1, *([1] * (residual.dim() - 2)))
+    return float(residual.norm(dim=1).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation of a model on the test pairs.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MapMetrics:
+    """The metrics of one map on one test pair. ``tre``: (N,) mm per landmark."""
+
+    tre: torch.Tensor
+    folding_percent: float
+    sdlogj: float
+    ic_error: float
+    dice: float
+
+    @property
+    def tre_mean(self) -> float:
+        return float(self.tre.mean())
+
+
+@dataclass
+class CaseEvaluation:
+    case: str
+    initial: torch.Tensor  # (N,) mm
+    dice_before: float
+    net: MapMetrics
+    tta: MapMetrics | None = None
+    tta_seconds: float = 0.0
+
+
+@dataclass
+class Evaluation:
+    """One model on the test pairs. ``name``: regime, "identity" or a released network."""
+
+    name: str
+    tta_iterations: int
+    cases: list[CaseEvaluation] = field(default_factory=list)
+    seconds: float = 0.0
+    n_train_pairs: int | None = None  # pairs the model was trained on, if known
+
+    def subset(self, cases: Sequence[str]) -> list[CaseEvaluation]:
+        return [c for c in self.cases if c.case in set(cases)]
+
+    def summary(self, cases: Sequence[str] | None = None) -> dict[str, Any]:
+        """Pooled over the landmarks of ``cases`` (default all): TRE means (mm); map metrics averaged over pairs.
+
+        ``folding_percent``, ``sdlogj``, ``ic_error``, ``dice`` describe the final maps (after TTA when
+        it ran); the same with suffix ``_net`` describe the network alone.
+        """
+        rows = self.cases if cases is None else self.subset(cases)
+        if not rows:
+            return {"n_pairs": 0, "n_landmarks": 0}
+        out: dict[str, Any] = {
+            "n_pairs": len(rows),
+            "n_landmarks": int(sum(len(r.initial) for r in rows)),
+            "tre_initial": float(torch.cat([r.initial for r in rows]).mean()),
+            "tre_net": float(torch.cat([r.net.tre for r in rows]).mean()),
+            "tre_tta": float(torch.cat([r.tta.tre for r in rows]).mean())
+            if rows[0].tta is not None
+            else None,
+            "dice_before": float(np.mean([r.dice_before for r in rows])),
+        }
+        for key in ("folding_percent", "sdlogj", "ic_error", "dice"):
+            out[f"{key}_net"] = float(np.mean([getattr(r.net, key) for r in rows]))
+            final = [getattr(r.tta if r.tta is not None else r.net, key) for r in rows]
+            out[key] = float(np.mean(final))
+        return out
+
+    #: the keys :meth:`metric_values` reports (the chapter's metrics file uses them per regime)
+    METRIC_KEYS = (
+        "tre_net", "tre_tta", "folding_percent", "sdlogj", "ic_error", "dice",
+        "folding_percent_net", "sdlogj_net", "ic_error_net", "dice_net",
+    )  # fmt: skip
+
+    def metric_values(self, cases: Sequence[str] | None = None) -> dict[str, Any]:
+        """The summary's TRE and map metrics (no counts), for a metrics file."""
+        summary = self.summary(cases)
+        return {k: summary.get(k) for k in self.METRIC_KEYS}
+
+    def per_case_rows(self) -> list[dict[str, Any]]:
+        """One row per test pair, for a table."""
+        rows = []
+        for r in self.cases:
+            row = {
+                "model": self.name,
+                "case": r.case,
+                "landmarks": len(r.initial),
+                "TRE initial (mm)": float(r.initial.mean()),
+                "TRE net (mm)": r.net.tre_mean,
+            }
+            if r.tta is not None:
+                row["TRE TTA (mm)"] = r.tta.tre_mean
+            final = r.tta if r.tta is not None else r.net
+            row.update(
+                {
+                    "folding (%)": final.folding_percent,
+                    "SDlogJ": final.sdlogj,
+                    "IC error (mm)": final.ic_error,
+                    "Dice before": r.dice_before,
+                    "Dice after": final.dice,
+                }
+            )
+            rows.append(row)
+        return rows
+
+
+def _map_metrics(
+    model: TwoStepRegistration | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    A_full: torch.Tensor,
+    B_full: torch.Tensor,
+    f: torch.Tensor,
+    m: torch.Tensor,
+    spacing: torch.Tensor,
+) -> MapMetrics:
+    grid = tuple(A.shape[2:])
+    if model is None:
+        phi_AB = phi_BA = torch.zeros(1, A.dim() - 2, *grid, device=A.device)
+    else:
+        reg = model.register(A, B)
+        phi_AB, phi_BA = reg.phi_AB, reg.phi_BA
+    phi_AB, phi_BA = phi_AB.float().cpu(), phi_BA.float().cpu()
+    tre = target_registration_error(phi_AB[0], f, m, spacing)
+    stats = jacobian_stats(phi_AB)
+    mm_per_voxel = [S / s * float(sp) for S, s, sp in zip(CANONICAL_SHAPE, grid, spacing)]
+    ic = inverse_consistency_error(phi_AB, phi_BA, mm_per_voxel)
+    # Dice at the profile resolution: warp the fixed mask by φ_AB resampled to that grid
+    warped_A = warp(A_full.cpu(), resize_field(phi_AB, A_full.shape[2:]))
+    return MapMetrics(tre.registered.float(), stats.folding_percent, stats.sdlogj, ic, dice(warped_A, B_full))
+
+
+def evaluate_model(
+    profile: Profile,
+    model: TwoStepRegistration | None,
+    test,
+    landmarks,
+    *,
+    name: str,
+    tta_iterations: int,
+    device: torch.device,
+    progress: bool = False,
+) -> Evaluation:
+    """Evaluate ``model`` (None = the identity map) on every pair of ``test`` (a ``PairSet`` at the profile
+    resolution) with its ``landmarks`` (a ``Landmarks``, same case order), without and — if
+    ``tta_iterations`` > 0 and there is a model — with test-time adaptation (Adam, ``profile.evaluation.tta_lr``).
+    """
+    if list(test.cases) != list(landmarks.cases):
+        raise ValueError(f"test pairs {test.cases} and landmarks {landmarks.cases} differ")
+    ev = profile.evaluation
+    scale = model.cfg.scale if model is not None else profile.registration.scale
+    grid = registration_grid(test.fixed.shape[1:], scale)
+    amp = model is not None and model.cfg.amp
+    out = Evaluation(name, tta_iterations if model is not None else 0)
+    out.n_train_pairs = getattr(model, "n_train_pairs", None)
+    t0 = time.perf_counter()
+    iterator = range(len(test.cases))
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc=f"evaluate {name}")
+    for i in iterator:
+        case = test.cases[i]
+        vols = test.volumes([i])  # (1, 2, *shape) float
+        A_full, B_full = vols[:, :1], vols[:, 1:]
+        A = to_grid(A_full, grid).to(device)
+        B = to_grid(B_full, grid).to(device)
+        f, m = landmarks.canonical_fixed[i], landmarks.canonical_moving[i]
+        spacing = test.spacing[i]
+        initial = target_registration_error(None, f, m, spacing).initial.float()
+        row = CaseEvaluation(
+            case, initial, dice(A_full, B_full), _map_metrics(model, A, B, A_full, B_full, f, m, spacing)
+        )
+        if model is not None and tta_iterations > 0:
+            adapted = test_time_adapt(model, A, B, tta_iterations, ev.tta_lr, amp)
+            row.tta = _map_metrics(adapted.model, A, B, A_full, B_full, f, m, spacing)
+            row.tta_seconds = adapted.seconds
+        out.cases.append(row)
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's own numbers and the tables.
+# --------------------------------------------------------------------------------------------------
+
+#: The paper's result files (per landmark: initial, network, after 50 TTA iterations) and what they hold.
+PAPER_CSVS: dict[str, str] = {
+    "real_all": "regnets_state_dilated_vessels.csv",
+    "real_few": "regnets_state_dilated_vessels_10.csv",
+    "synthetic": "regnets_state_synth.csv",
+}
+#: A regime-neutral name for each training regime, and how many pairs the paper used in it.
+REGIME_LABELS: dict[str, str] = {
+    "real_all": "all real pairs",
+    "real_few": "few real pairs",
+    "synthetic": "synthetic pairs",
+    "synthetic_plus_few": "synthetic + few real, not in the paper",
+}
+PAPER_PAIRS: dict[str, int] = {"real_all": 97, "real_few": 10, "synthetic": 256}
+#: The released networks (not in the data mirror; users online may have them).
+RELEASED_NETWORKS: dict[str, str] = {k: v.replace(".csv", ".pth") for k, v in PAPER_CSVS.items()}
+
+
+class PaperResults(NamedTuple):
+    """Per landmark (4590,) in mm ≈ canonical voxels, rows in the order of ALL_TEST_CASES; ``case`` per row."""
+
+    case: list[str]
+    initial: torch.Tensor
+    net: dict[str, torch.Tensor]
+    tta: dict[str, torch.Tensor]
+
+    def mean(self, values: torch.Tensor, cases: Sequence[str] | None = None) -> float:
+        if cases is None:
+            return float(values.mean())
+        keep = torch.tensor([c in set(cases) for c in self.case])
+        return float(values[keep].mean())
+
+
+def paper_results(data_dir: str | Path, landmark_counts: Sequence[int]) -> PaperResults:
+    """Read the paper's three result CSVs from ``data_dir/unleashing-registration/``.
+
+    ``landmark_counts``: landmarks per case in ALL_TEST_CASES order (from the landmark file), to know
+    which rows belong to which case.
+    """
+    root = Path(data_dir) / "unleashing-registration"
+    if len(landmark_counts) != len(ALL_TEST_CASES):
+        raise ValueError(f"need {len(ALL_TEST_CASES)} landmark counts, got {len(landmark_counts)}")
+    case = [c for c, n in zip(ALL_TEST_CASES, landmark_counts) for _ in range(int(n))]
+    net, tta, initial = {}, {}, None
+    for regime, name in PAPER_CSVS.items():
+        path = root / name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: the paper's result file is missing; run chapter 1 "
+                "(`python -m regdiff_core prepare`) or `python -m data_download unleashing-registration`"
+            )
+        table = torch.from_numpy(np.loadtxt(path, delimiter=",", dtype=np.float64))
+        if table.shape != (len(case), 3):
+            raise ValueError(f"{path}: expected {len(case)} rows × 3 columns, got {tuple(table.shape)}")
+        initial = table[:, 0] if initial is None else initial
+        net[regime], tta[regime] = table[:, 1], table[:, 2]
+    return PaperResults(case, initial, net, tta)
+
+
+def comparison_rows(
+    evaluations: dict[str, Evaluation], paper: PaperResults | None, cases: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """The paper's table: one row per training regime, our TRE (network / after TTA) beside the paper's.
+
+    Ours is pooled over the landmarks of ``cases`` among our test pairs; the paper's over the same
+    subset of its 27 pairs when ``cases`` is the benchmark split, else over all 27.
+    """
+    rows = []
+    any_eval = next(iter(evaluations.values()))
+    ours_initial = any_eval.summary(cases)["tre_initial"]
+    paper_cases = None if cases is None else [c for c in ALL_TEST_CASES if c in set(cases)]
+    rows.append(
+        {
+            "training data": "none (initial)",
+            "ours: network": ours_initial,
+            "ours: + TTA": None,
+            "paper: network": paper.mean(paper.initial, paper_cases) if paper else None,
+            "paper: + TTA": None,
+        }
+    )
+    for regime, evaluation in evaluations.items():
+        s = evaluation.summary(cases)
+        has_paper = paper is not None and regime in paper.net
+        label = REGIME_LABELS.get(regime, regime)
+        counts = [f"ours {evaluation.n_train_pairs}"] if evaluation.n_train_pairs is not None else []
+        counts += [f"paper {PAPER_PAIRS[regime]}"] if regime in PAPER_PAIRS else []
+        rows.append(
+            {
+                "training data": f"{label} ({', '.join(counts)})" if counts else label,
+                "ours: network": s["tre_net"],
+                "ours: + TTA": s["tre_tta"],
+                "paper: network": paper.mean(paper.net[regime], paper_cases) if has_paper else None,
+                "paper: + TTA": paper.mean(paper.tta[regime], paper_cases) if has_paper else None,
+            }
+        )
+    return rows
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], digits: int = 2) -> str:
+    """Rows (dicts with equal keys) as a Markdown table; floats to ``digits`` decimals, None as "—"."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "—"
+        if isinstance(v, float):
+            return f"{v:.{digits}f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_tre_boxes(ax, evaluations: dict[str, Evaluation], initial: torch.Tensor | None = None) -> None:
+    """Box plots of per-landmark TRE (mm): initial, then each model's network and TTA results."""
+    data, labels = [], []
+    if initial is not None:
+        data.append(initial.numpy())
+        labels.append("initial")
+    for name, ev in evaluations.items():
+        data.append(torch.cat([c.net.tre for c in ev.cases]).numpy())
+        labels.append(f"{name}\nnetwork")
+        if ev.cases and ev.cases[0].tta is not None:
+            data.append(torch.cat([c.tta.tre for c in ev.cases]).numpy())
+            labels.append(f"{name}\n+ TTA")
+    ax.boxplot(data, showfliers=False)
+    ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=8)
+    ax.set_ylabel("TRE (mm)")
+    ax.grid(axis="y", alpha=0.3)
+
+
+def evaluation_sentence(summaries: dict[str, dict[str, Any]], tre_initial: float) -> str:
+    """A plain sentence built from the numbers: which regime is best, whether TTA helps, and the caveat."""
+    parts = []
+    best_net = min(summaries, key=lambda k: summaries[k]["tre_net"])
+    parts.append(
+        f"Without adaptation the best network here is '{best_net}' "
+        f"({summaries[best_net]['tre_net']:.2f} mm against {tre_initial:.2f} mm before registration)"
+    )
+    tta = {k: v["tre_tta"] for k, v in summaries.items() if v.get("tre_tta") is not None}
+    if tta:
+        best_tta = min(tta, key=tta.get)
+        helped = [k for k in tta if tta[k] < summaries[k]["tre_net"]]
+        parts.append(
+            f"; test-time adaptation lowers the error for {len(helped)} of {len(tta)} regimes, "
+            f"best '{best_tta}' at {tta[best_tta]:.2f} mm"
+        )
+    return "".join(parts) + "."
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI: python -m regdiff_core evaluate --checkpoint C|identity --tta N --json OUT
+# --------------------------------------------------------------------------------------------------
+
+
+def register_cli(subparsers, common) -> None:
+    p = subparsers.add_parser(
+        "evaluate", parents=[common], help="chapter 6: TRE, Dice, folding and IC error on the test pairs"
+    )
+    p.add_argument(
+        "--checkpoint",
+        default="real_all",
+        help="(default real_all) a regime name (work_dir/registration/<regime>/model.pt), a model file, a released "
+        "regnets_state_*.pth, or 'identity'",
+    )
+    p.add_argument("--tta", type=int, default=None, help="TTA iterations (default: the profile's)")
+    p.add_argument("--json", type=str, default=None, help="write per-case results and the summary here")
+    p.set_defaults(func=_cli_evaluate)
+
+
+def _cli_evaluate(args, profile: Profile) -> int:
+    import json
+
+    from regdiff_core.data import load_landmarks, load_pairs
+    from regdiff_core.registration import load_registration
+    from regdiff_core.utils import resolve_device, seed_everything
+
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    test = load_pairs(profile, args.work_dir, "test")
+    landmarks = load_landmarks(profile, args.data_dir, test.cases)
+    model = None
+    if args.checkpoint != "identity":
+        model = load_registration(profile, args.work_dir, args.checkpoint, device)
+    tta = profile.evaluation.tta_iterations if args.tta is None else args.tta
+    evaluation = evaluate_model(
+        profile, model, test, landmarks, name=Path(args.checkpoint).stem, tta_iterations=tta, device=device
+    )
+    result = {
+        "checkpoint": args.checkpoint,
+        "profile": profile.name,
+        "tta_iterations": evaluation.tta_iterations,
+        "summary": evaluation.summary(),
+        "summary_104_113": evaluation.summary(BENCHMARK_TEST_CASES),
+        "per_case": evaluation.per_case_rows(),
+        "seconds": evaluation.seconds,
+    }
+    print(markdown_table(evaluation.per_case_rows()))
+    s = result["summary"]
+    print(f"mean TRE: initial {s['tre_initial']:.2f} mm, network {s['tre_net']:.2f} mm", end="")
+    print(f", after {tta} TTA iterations {s['tre_tta']:.2f} mm" if s.get("tre_tta") is not None else "")
+    if args.json:
+        from regdiff_core.utils import _jsonable
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(_jsonable(result), indent=2) + "\n")
+    return 0

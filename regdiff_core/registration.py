@@ -1,0 +1,824 @@
+"""Chapter 5: a two-step registration network that is inverse consistent by construction.
+
+The paper's registration network (after Greer et al., "Inverse consistency by construction", MICCAI 2023)
+registers a fixed mask A (inhale) and a moving mask B (exhale) in two greedy steps. Each step is one
+MONAI ``UNet`` N, applied to both orders of the inputs:
+
+    v_AB = smooth(0.35·tanh N(A, B) − 0.35·tanh N(B, A)),        v_BA = −v_AB   (exactly)
+    φ_AB = exp(v_AB),  φ_BA = exp(v_BA) = exp(−v_AB) = φ_AB⁻¹   (scaling and squaring)
+
+Because the velocity is antisymmetric in its inputs and the map is its exponential, φ_AB ∘ φ_BA = id
+holds by construction, not by a penalty. Step 2 registers the two images after warping each half way,
+A∘exp(v₁/2) and B∘exp(−v₁/2); the final map is root₁ ∘ φ₂ ∘ root₁ with root₁ = exp(v₁/2), which is
+again exactly invertible by the same recipe with −v. Training is greedy, as in the seed: each step has
+its own loss and optimiser, and step 2 sees step 1's midpoint-warped images without a gradient path
+back into step 1. Test-time adaptation (TTA) fine-tunes copies of both networks on one test pair.
+
+Displacement convention (the only place it is defined; everything in this package follows it)
+-------------------------------------------------------------------------------------------------
+* A displacement field ``ddf`` (and a velocity ``v``) has shape ``(B, dim, *spatial)`` and is in
+  **voxels of the grid it lives on**.
+* **Channel order = axis order**: channel ``c`` is the displacement along tensor axis ``2 + c``
+  (for volumes ``(H, W, D)``: channel 0 along H, 1 along W, 2 along D). This is MONAI's order.
+* **Pull-back**: ``warp(I, u)(x) = I(x + u(x))``. A map Φ_u(x) = x + u(x) with I_A ∘ φ_AB ≈ I_B, so φ_AB
+  takes a point of B's space (the moving, exhale scan) to its partner in A's space (the fixed,
+  inhale scan); a moving landmark m is moved to m + u_AB(m). ``compose(u_outer, u_inner)`` is the
+  displacement of Φ_outer ∘ Φ_inner.
+* Voxel ``i`` sits at integer index ``i``. Between grids of sizes ``S`` and ``s`` (e.g. the canonical
+  256×208×256 frame and a profile's grid) points map with align_corners=False geometry:
+  ``p_s = (p_S + 0.5)·s/S − 0.5`` (:func:`rescale_points`), displacements scale by ``s/S``.
+
+MONAI's :class:`~monai.networks.blocks.Warp` and :class:`~monai.networks.blocks.DVF2DDF` use exactly this
+convention (they pass voxel positions to ``grid_sample`` with ``align_corners=True``, which addresses
+voxel centres by index). The seed instead keeps fields in ``grid_sample``'s normalised units with
+``align_corners=False`` (−1 … 1 spans the outer voxel *edges*) and channel order reversed (x = last
+axis). The network's raw output is in the seed's units — so that the paper's released weights, tanh
+range 0.35 and smoothness weight λ mean the same here — and :func:`seed_to_voxel` converts it once.
+
+Hand-written where a library has it
+-----------------------------------
+* :func:`warp` and :func:`exp_velocity` call ``grid_sample`` directly instead of going through MONAI's
+  ``Warp``/``DVF2DDF``: same arithmetic, but ``Warp`` rebuilds its reference grid on every call and
+  normalises it axis by axis, which made each warp about 3× slower than the ``grid_sample`` inside it
+  on CPU — and training warps dozens of times per iteration. The tests hold ours to MONAI's
+  (``monai_warp``, ``monai_exp_velocity``) and to the seed's ``disp_square`` (ported as
+  :func:`seed_scaling_and_squaring`) within 1e-4 voxels.
+* :func:`smooth_velocity`: the seed's average-pool cascade, which no library layer reproduces.
+* :func:`smoothness`: MONAI's ``BendingEnergyLoss`` is second order; the paper's penalty is the mean
+  squared first difference in the seed's units.
+
+Everything is dimension-generic (2D fields ``(B, 2, H, W)`` work as 3D ones do); AMP (the seed's fp16
+autocast of the UNets) runs only on CUDA. A grid whose sizes are not multiples of the UNet's total
+stride (8) — ci's 32×26×32 — is zero-padded at its far ends for the network and cropped back; the
+paper's 128×104×128 needs no padding, so paper-scale results are unaffected.
+
+Left out on purpose
+-------------------
+* ``torch.compile`` (the seed compiles both UNets): it costs minutes of compile time on CPU and changes
+  nothing numerically; the checkpoint loader strips its ``_orig_mod.`` prefixes when loading the
+  released networks.
+* Evaluating TTA after 49 of its 50 updates, as the seed's loop happens to do: here ``N`` TTA
+  iterations means ``N`` updates, then one more forward pass for the evaluated map.
+* An affine pre-alignment: the paper has none; the canonical pad/crop frame aligns the lungs roughly.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.blocks import DVF2DDF, Warp
+from monai.networks.nets import UNet
+
+from regdiff_core.config import (
+    CANONICAL_SHAPE,
+    RELEASE_TRAIN_CASES,
+    EvaluationConfig,
+    Profile,
+    RegistrationConfig,
+)
+from regdiff_core.training import clean_state_dict, train_loop
+from regdiff_core.utils import atomic_torch_save, autocast, count_parameters, timer
+
+# --------------------------------------------------------------------------------------------------
+# The displacement convention (see the module docstring) and the operations built on it.
+# --------------------------------------------------------------------------------------------------
+
+
+def rescale_points(points: torch.Tensor, from_shape: Sequence[int], to_shape: Sequence[int]) -> torch.Tensor:
+    """Voxel coordinates on a grid of size ``from_shape`` → the same physical points on ``to_shape``.
+
+    ``points``: (N, dim) voxel indices (float). align_corners=False geometry: voxel k of a size-S grid
+    covers [k − ½, k + ½) in its own index units, so ``p_s = (p_S + 0.5)·s/S − 0.5`` per axis.
+    """
+    S = torch.as_tensor(tuple(from_shape), dtype=points.dtype, device=points.device)
+    s = torch.as_tensor(tuple(to_shape), dtype=points.dtype, device=points.device)
+    # p_s = (p_S + ½)·s/S − ½
+    return (points + 0.5) * s / S - 0.5
+
+
+def resize_field(ddf: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Resample a displacement (B, dim, *S) in voxels of S to the grid ``size``, in voxels of that grid.
+
+    Linear interpolation with align_corners=False geometry; component c is multiplied by size_c / S_c.
+    """
+    size = tuple(int(s) for s in size)
+    sizes = tuple(ddf.shape[2:])
+    if size == sizes:
+        return ddf
+    dim = len(sizes)
+    mode = "trilinear" if dim == 3 else "bilinear"
+    out = F.interpolate(ddf, size=size, mode=mode, align_corners=False)
+    scale = torch.tensor([s / S for s, S in zip(size, sizes)], dtype=ddf.dtype, device=ddf.device)
+    return out * scale.view(1, dim, *([1] * dim))
+
+
+def seed_to_voxel(field: torch.Tensor) -> torch.Tensor:
+    """Seed units → this package's convention. ``field``: (B, dim, *S), grid_sample units, channel 0 = last axis.
+
+    grid_sample with align_corners=False maps the size-S axis onto [−1, 1], so one voxel is 2/S units:
+    u_vox[c] = field[dim − 1 − c] · S_c / 2.
+    """
+    sizes = field.shape[2:]
+    dim = len(sizes)
+    scale = torch.tensor([s / 2.0 for s in sizes], dtype=field.dtype, device=field.device)
+    return field.flip(1) * scale.view(1, dim, *([1] * dim))
+
+
+def voxel_to_seed(ddf: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`seed_to_voxel`: (B, dim, *S) voxels → seed units (normalised, channel 0 = last axis)."""
+    sizes = ddf.shape[2:]
+    dim = len(sizes)
+    scale = torch.tensor([2.0 / s for s in sizes], dtype=ddf.dtype, device=ddf.device)
+    return (ddf * scale.view(1, dim, *([1] * dim))).flip(1)
+
+
+def _identity_grid(sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """grid_sample coordinates (align_corners=False) of every voxel centre: (1, *S, dim), last axis first."""
+    key = (sizes, str(device), dtype)
+    grid = _IDENTITY_CACHE.get(key)
+    if grid is None:
+        dim = len(sizes)
+        theta = torch.eye(dim, dim + 1, device=device, dtype=dtype).unsqueeze(0)
+        grid = F.affine_grid(theta, [1, 1, *sizes], align_corners=False)
+        if len(_IDENTITY_CACHE) > 16:
+            _IDENTITY_CACHE.clear()
+        _IDENTITY_CACHE[key] = grid
+    return grid
+
+
+_IDENTITY_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def warp(image: torch.Tensor, ddf: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
+    """Pull-back warp ``image(x + ddf(x))`` with linear interpolation; equal to MONAI's ``Warp``.
+
+    ``image``: (B, C, *S); ``ddf``: (B, dim, *S), voxels. Images use zero padding (the seed's default);
+    displacement fields are composed with ``"border"`` padding (see :func:`compose`).
+
+    Why not MONAI's ``Warp`` itself: it makes the same ``grid_sample`` call (voxel positions with
+    align_corners=True address the same points as ours with align_corners=False) but rebuilds its
+    reference grid on every call (in MONAI 1.6 its cache test compares ``(dim, *S)`` with ``*S`` and
+    never hits) and normalises the grid axis by axis in place. On CPU that made each warp about 3×
+    slower than the ``grid_sample`` it wraps, and training warps 50 times per step and direction.
+    The tests check this function against ``Warp``, and :func:`exp_velocity` against ``DVF2DDF``.
+    """
+    grid = _identity_grid(tuple(ddf.shape[2:]), image.device, image.dtype)
+    offset = voxel_to_seed(ddf.to(image.dtype)).movedim(1, -1)
+    # trilinear for volumes (grid_sample calls it "bilinear")
+    return F.grid_sample(
+        image, grid + offset, mode="bilinear", padding_mode=padding_mode, align_corners=False
+    )
+
+
+def compose(u_outer: torch.Tensor, u_inner: torch.Tensor) -> torch.Tensor:
+    """Displacement of Φ_outer ∘ Φ_inner, both (B, dim, *S) in voxels, border padding as in the seed.
+
+    Φ_outer(Φ_inner(x)) = x + u_inner(x) + u_outer(x + u_inner(x)).
+    """
+    # u = u_inner + u_outer ∘ (id + u_inner)
+    return u_inner + warp(u_outer, u_inner, padding_mode="border")
+
+
+def exp_velocity(v: torch.Tensor, steps: int = 12) -> torch.Tensor:
+    """exp(v) by scaling and squaring: u = v / 2^steps, then ``steps`` times u ← u + u∘(id + u) (border padding).
+
+    ``v``: (B, dim, *S) stationary velocity in voxels → (B, dim, *S) displacement in voxels. The recursion
+    of MONAI's ``DVF2DDF(num_steps=steps, padding_mode="border")``; the squarings run in grid_sample
+    units (as the seed's ``disp_square``), which saves two conversions per squaring and changes only
+    rounding (the tests hold both to 1e-4 voxels).
+    """
+    grid = _identity_grid(tuple(v.shape[2:]), v.device, v.dtype)
+    # u₀ = v / 2^K
+    w = voxel_to_seed(v) / 2**steps
+    for _ in range(steps):
+        # u_{k+1} = u_k + u_k(x + u_k(x))   (u_k ∘ u_k as displacements)
+        w = w + F.grid_sample(
+            w, grid + w.movedim(1, -1), mode="bilinear", padding_mode="border", align_corners=False
+        )
+    return seed_to_voxel(w)
+
+
+def monai_exp_velocity(v: torch.Tensor, steps: int = 12) -> torch.Tensor:
+    """The same exponential with MONAI's ``DVF2DDF`` (border padding), for the tests."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample.*")
+        layer = DVF2DDF(num_steps=steps, mode="bilinear", padding_mode="border")
+    return layer(v)
+
+
+def monai_warp(image: torch.Tensor, ddf: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
+    """MONAI's ``Warp`` (bilinear), for the tests."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample.*")
+        layer = Warp(mode="bilinear", padding_mode=padding_mode)
+    return layer(image, ddf)
+
+
+def _seed_identity(field: torch.Tensor) -> torch.Tensor:
+    B, dim = field.shape[:2]
+    theta = torch.eye(dim, dim + 1, dtype=field.dtype, device=field.device).unsqueeze(0).expand(B, -1, -1)
+    return F.affine_grid(theta, [B, 1, *field.shape[2:]], align_corners=False)
+
+
+def seed_scaling_and_squaring(field: torch.Tensor, steps: int = 12) -> torch.Tensor:
+    """The seed's ``disp_square`` made device-agnostic and dimension-generic; seed units in and out.
+
+    Kept only as the reference the tests compare :func:`exp_velocity` with.
+    """
+    grid = _seed_identity(field)
+    perm = [0, *range(2, field.dim()), 1]
+    u = field / 2**steps
+    for _ in range(steps):
+        u = F.grid_sample(u, u.permute(perm) + grid, align_corners=False, padding_mode="border") + u
+    return u
+
+
+def seed_warp(image: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """The seed's image warp: ``grid_sample(image, field + identity, align_corners=False)``, seed units."""
+    perm = [0, *range(2, field.dim()), 1]
+    return F.grid_sample(image, field.permute(perm) + _seed_identity(field), align_corners=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# The network.
+# --------------------------------------------------------------------------------------------------
+
+
+def smooth_velocity(x: torch.Tensor, kernel: int = 7) -> torch.Tensor:
+    """The seed's smoothing: average pools (kernel k, strides 2, 2, 1, 1, zero padding counted), then linear upsampling.
+
+    ``x``: (B, dim, *S) → (B, dim, *S). Linear in ``x``, so smooth(−x) = −smooth(x) exactly.
+    """
+    dim = x.dim() - 2
+    pool = getattr(F, f"avg_pool{dim}d")
+    pad = (kernel - 1) // 2
+    y = x
+    for stride in (2, 2, 1, 1):
+        # explicit zero padding = the seed's pool(padding=pad) with count_include_pad, also for grids < k
+        y = pool(F.pad(y, [pad] * (2 * dim)), kernel, stride=stride)
+    mode = "trilinear" if dim == 3 else "bilinear"
+    return F.interpolate(y, size=x.shape[2:], mode=mode, align_corners=False)
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Zero-pad the spatial axes at their far ends to a multiple of ``multiple`` (a UNet needs it)."""
+    sizes = x.shape[2:]
+    extra = [(-s) % multiple for s in sizes]
+    if not any(extra):
+        return x, tuple(sizes)
+    pad: list[int] = []
+    for e in reversed(extra):  # F.pad lists the last axis first
+        pad += [0, e]
+    return F.pad(x, pad), tuple(sizes)
+
+
+class StepLoss(NamedTuple):
+    """One step's loss. ``loss`` = ``l1`` + λ·``smoothness``; ``phi_AB``/``phi_BA``: (B, dim, *S), voxels."""
+
+    loss: torch.Tensor
+    l1: torch.Tensor
+    smoothness: torch.Tensor
+    phi_AB: torch.Tensor
+    phi_BA: torch.Tensor
+
+
+class Registration(NamedTuple):
+    """The output of :meth:`TwoStepRegistration.register` on one grid ``S`` (all displacements in voxels of S).
+
+    ``phi_AB``: (B, dim, *S) with A∘φ_AB ≈ B; ``phi_BA`` = its inverse by construction; ``v1``, ``v2``: the two
+    steps' velocities (v_AB); ``root1`` = exp(v1/2); ``warped_A`` = A∘φ_AB, ``warped_B`` = B∘φ_BA.
+    """
+
+    phi_AB: torch.Tensor
+    phi_BA: torch.Tensor
+    v1: torch.Tensor
+    v2: torch.Tensor
+    root1: torch.Tensor
+    warped_A: torch.Tensor
+    warped_B: torch.Tensor
+
+
+class TwoStepRegistration(nn.Module):
+    """Two MONAI UNets (one per greedy step), each turned into an inverse-consistent map.
+
+    ``spatial_dims`` 2 or 3. Inputs A, B: (B, 1, *S) float masks in [0, 1] on the registration grid.
+    """
+
+    def __init__(self, cfg: RegistrationConfig, spatial_dims: int = 3) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.spatial_dims = spatial_dims
+        self.nets = nn.ModuleList(
+            UNet(
+                spatial_dims=spatial_dims,
+                in_channels=2,
+                out_channels=spatial_dims,
+                channels=tuple(cfg.channels),
+                strides=tuple(cfg.strides),
+            )
+            for _ in range(2)
+        )
+        self.multiple = math.prod(cfg.strides)
+        #: how many pairs it was trained on (set by :func:`train_regime` and :func:`load_registration`)
+        self.n_train_pairs: int | None = None
+
+    def _net(self, step: int, x: torch.Tensor) -> torch.Tensor:
+        x_pad, sizes = _pad_to_multiple(x, self.multiple)
+        out = self.nets[step](x_pad)
+        return out[(slice(None), slice(None), *(slice(0, s) for s in sizes))]
+
+    def velocity(self, step: int, A: torch.Tensor, B: torch.Tensor, amp: bool = False) -> torch.Tensor:
+        """v_AB of step ``step`` (0 or 1): (B, dim, *S) in voxels. Antisymmetric: velocity(B, A) = −velocity(A, B)."""
+        c = self.cfg.tanh_scale
+        with autocast(A.device, enabled=amp):
+            # one batched pass over both orders: N(A, B) and N(B, A)
+            out = self._net(step, torch.cat([torch.cat([A, B], 1), torch.cat([B, A], 1)], 0))
+        out_AB, out_BA = out.float().chunk(2, 0)
+        # v_AB = smooth(c·tanh N(A,B) − c·tanh N(B,A))   (seed units)
+        v_seed = smooth_velocity(c * torch.tanh(out_AB) - c * torch.tanh(out_BA), self.cfg.smooth_kernel)
+        return seed_to_voxel(v_seed)
+
+    def step_loss(self, A: torch.Tensor, B: torch.Tensor, v: torch.Tensor) -> StepLoss:
+        """The paper's loss for one step, given its velocity v = v_AB (voxels)."""
+        return registration_loss(A, B, v, self.cfg.ss_steps, self.cfg.smooth_weight)
+
+    def midpoint(
+        self, A: torch.Tensor, B: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Warp both images half way: A∘exp(v/2), B∘exp(−v/2) (the input of the next step), no gradient."""
+        with torch.no_grad():
+            root_AB = exp_velocity(v / 2, self.cfg.ss_steps)
+            root_BA = exp_velocity(-v / 2, self.cfg.ss_steps)
+            return warp(A, root_AB), warp(B, root_BA)
+
+    @torch.no_grad()
+    def register(self, A: torch.Tensor, B: torch.Tensor) -> Registration:
+        """Final maps φ_AB = root₁ ∘ φ₂ ∘ root₁ and φ_BA (its inverse by construction), on A's grid."""
+        steps = self.cfg.ss_steps
+        v1 = self.velocity(0, A, B)
+        A_mid, B_mid = self.midpoint(A, B, v1)
+        v2 = self.velocity(1, A_mid, B_mid)
+        root1_AB, root1_BA = exp_velocity(v1 / 2, steps), exp_velocity(-v1 / 2, steps)
+        # φ_AB = root₁ ∘ φ₂ ∘ root₁,  φ_BA = root₁⁻¹ ∘ φ₂⁻¹ ∘ root₁⁻¹
+        phi_AB = compose(root1_AB, compose(exp_velocity(v2, steps), root1_AB))
+        phi_BA = compose(root1_BA, compose(exp_velocity(-v2, steps), root1_BA))
+        return Registration(phi_AB, phi_BA, v1, v2, root1_AB, warp(A, phi_AB), warp(B, phi_BA))
+
+
+def smoothness(ddf: torch.Tensor) -> torch.Tensor:
+    """The seed's first-order penalty: Σ over axes of mean((u(x+e) − u(x))²), with u in seed units."""
+    u = voxel_to_seed(ddf)
+    # R(u) = Σ_axes mean(|∂u|²)  (forward differences)
+    return sum(u.diff(dim=axis).square().mean() for axis in range(2, u.dim()))
+
+
+def registration_loss(
+    A: torch.Tensor, B: torch.Tensor, v: torch.Tensor, steps: int, weight: float
+) -> StepLoss:
+    """L = |A∘φ_AB − B|₁ + |B∘φ_BA − A|₁ + λ·(R(φ_AB) + R(φ_BA)), φ_AB = exp(v), φ_BA = exp(−v). L1 = mean."""
+    phi_AB = exp_velocity(v, steps)
+    phi_BA = exp_velocity(-v, steps)
+    l1 = F.l1_loss(warp(A, phi_AB), B) + F.l1_loss(warp(B, phi_BA), A)
+    smooth = smoothness(phi_AB) + smoothness(phi_BA)
+    return StepLoss(l1 + weight * smooth, l1, smooth, phi_AB, phi_BA)
+
+
+def build_registration(cfg: RegistrationConfig, spatial_dims: int = 3) -> TwoStepRegistration:
+    return TwoStepRegistration(cfg, spatial_dims)
+
+
+# --------------------------------------------------------------------------------------------------
+# Greedy training (shared by training and test-time adaptation).
+# --------------------------------------------------------------------------------------------------
+
+
+def registration_grid(shape: Sequence[int], scale: float) -> tuple[int, ...]:
+    """The registration grid for volumes of ``shape`` at ``scale`` (paper: 256×208×256 · ½ = 128×104×128)."""
+    return tuple(max(1, round(s * scale)) for s in shape)
+
+
+def to_grid(x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """Resample (B, C, *S) volumes to ``grid``: area averaging when shrinking (the seed's ``avg_pool3d(·, 2)``
+    at a factor 2), linear interpolation (align_corners=False) when enlarging, unchanged when equal."""
+    grid = tuple(grid)
+    if tuple(x.shape[2:]) == grid:
+        return x
+    if all(g <= s for g, s in zip(grid, x.shape[2:])):
+        return F.interpolate(x, size=grid, mode="area")
+    mode = "trilinear" if x.dim() == 5 else "bilinear"
+    return F.interpolate(x, size=grid, mode=mode, align_corners=False)
+
+
+def make_optimizers(model: TwoStepRegistration, lr: float) -> list[torch.optim.Optimizer]:
+    """One Adam per step's network, as in the seed."""
+    return [torch.optim.Adam(net.parameters(), lr=lr) for net in model.nets]
+
+
+def greedy_iteration(
+    model: TwoStepRegistration,
+    optimizers: Sequence[torch.optim.Optimizer],
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaler: torch.amp.GradScaler | None = None,
+    amp: bool = False,
+) -> dict[str, float]:
+    """One optimisation iteration of both steps (greedy): update net 1, warp A and B half way, update net 2.
+
+    ``A``, ``B``: (B, 1, *S) on the registration grid. Returns the per-step and total loss (floats).
+    """
+    out: dict[str, float] = {}
+    total = 0.0
+    for step, opt in enumerate(optimizers):
+        opt.zero_grad(set_to_none=True)
+        v = model.velocity(step, A, B, amp=amp)
+        terms = model.step_loss(A, B, v)
+        if scaler is not None:
+            scaler.scale(terms.loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            terms.loss.backward()
+            opt.step()
+        out[f"loss_step{step + 1}"] = float(terms.loss.detach())
+        out[f"l1_step{step + 1}"] = float(terms.l1.detach())
+        out[f"smooth_step{step + 1}"] = float(terms.smoothness.detach())
+        total += float(terms.loss.detach())
+        if step + 1 < len(optimizers):
+            # midpoint warp of the (detached) velocity: the next step's inputs
+            A, B = model.midpoint(A, B, v.detach())
+    out["loss"] = total
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Regimes: which pairs a network is trained on.
+# --------------------------------------------------------------------------------------------------
+
+REGIMES: dict[str, str] = {
+    "real_all": "all prepared real training pairs",
+    "real_few": "the first n_few real training pairs (the release's 10 at paper scale)",
+    "synthetic": "n_synthetic synthetic pairs from chapter 4",
+    "synthetic_plus_few": "the synthetic pairs plus the few real pairs",
+}
+
+
+class RegimeData(NamedTuple):
+    """Training pairs of one regime: ``fixed``, ``moving`` (N, *S) float in [0, 1] at the profile resolution."""
+
+    regime: str
+    cases: list[str]
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    n_real: int
+    n_synthetic: int
+
+
+def few_cases(cases: Sequence[str], n_few: int) -> list[str]:
+    """The "few real pairs": the release's training cases (032–041) first, in order, then the others; first n_few."""
+    cases = list(cases)
+    preferred = [c for c in RELEASE_TRAIN_CASES if c in cases] + [
+        c for c in cases if c not in RELEASE_TRAIN_CASES
+    ]
+    return preferred[:n_few]
+
+
+def regime_data(profile: Profile, work_dir: str | Path, regime: str) -> RegimeData:
+    """Load the training pairs of ``regime`` (one of :data:`REGIMES`) from ``work_dir``."""
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; choose one of {sorted(REGIMES)}")
+    cfg = profile.registration
+    fixed, moving, cases = [], [], []
+    n_real = n_syn = 0
+    if regime != "synthetic":
+        from regdiff_core.data import load_pairs
+
+        real = load_pairs(profile, Path(work_dir), "train")
+        keep = list(range(len(real.cases)))
+        if regime in ("real_few", "synthetic_plus_few"):
+            chosen = few_cases(real.cases, cfg.n_few)
+            keep = [real.cases.index(c) for c in chosen]
+        fixed.append(real.fixed[keep].float())
+        moving.append(real.moving[keep].float())
+        cases += [real.cases[i] for i in keep]
+        n_real = len(keep)
+    if regime in ("synthetic", "synthetic_plus_few"):
+        from regdiff_core.sampling import load_synthetic
+
+        syn = load_synthetic(Path(work_dir), cfg.n_synthetic)
+        fixed.append(syn.fixed.float())
+        moving.append(syn.moving.float())
+        cases += [f"synthetic:{c}" for c in syn.cases]
+        n_syn = len(syn.cases)
+    shapes = {tuple(t.shape[1:]) for t in fixed + moving}
+    if len(shapes) != 1:
+        raise ValueError(f"regime {regime!r}: real and synthetic pairs differ in shape {sorted(shapes)}")
+    return RegimeData(regime, cases, torch.cat(fixed), torch.cat(moving), n_real, n_syn)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training a regime, saving and loading.
+# --------------------------------------------------------------------------------------------------
+
+
+class TrainedRegistration(NamedTuple):
+    model: TwoStepRegistration
+    history: list[dict[str, float]]
+    seconds: float
+    n_pairs: int
+    path: Path
+
+
+def _save_model(model: TwoStepRegistration, path: Path, **extra: Any) -> Path:
+    payload = {
+        "nets": [net.state_dict() for net in model.nets],
+        "config": dataclasses.asdict(model.cfg),
+        "spatial_dims": model.spatial_dims,
+        **extra,
+    }
+    return atomic_torch_save(payload, path)
+
+
+def train_regime(
+    profile: Profile,
+    regime: str,
+    work_dir: str | Path,
+    device: torch.device,
+    *,
+    progress: bool = True,
+    data: RegimeData | None = None,
+) -> TrainedRegistration:
+    """Train both steps on ``regime``'s pairs (greedy, as the seed) and save ``registration/<regime>/model.pt``.
+
+    Resumes from ``registration/<regime>/checkpoint.pt`` if present (a finished run returns at once).
+    ``data`` may be given directly (tests); otherwise it is loaded from ``work_dir``.
+    """
+    cfg = profile.registration
+    out_dir = Path(work_dir) / "registration" / regime
+    data = data if data is not None else regime_data(profile, work_dir, regime)
+    grid = registration_grid(data.fixed.shape[1:], cfg.scale)
+    model = build_registration(cfg, spatial_dims=data.fixed.dim() - 1).to(device)
+    optimizers = make_optimizers(model, cfg.lr)
+    amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    n = len(data.cases)
+
+    def step_fn(step: int) -> dict[str, float]:
+        # a random batch of pairs, as the seed: randperm(n)[:batch]
+        idx = torch.randperm(n)[: cfg.batch_size]
+        A = to_grid(data.fixed[idx].unsqueeze(1).to(device), grid)
+        B = to_grid(data.moving[idx].unsqueeze(1).to(device), grid)
+        return greedy_iteration(model, optimizers, A, B, scaler if amp else None, amp)
+
+    state = {"net1": model.nets[0], "net2": model.nets[1], "opt1": optimizers[0], "opt2": optimizers[1]}
+    if amp:
+        state["scaler"] = scaler
+    result = train_loop(
+        step_fn,
+        state,
+        cfg.iterations,
+        ckpt_path=out_dir / "checkpoint.pt",
+        ckpt_every=cfg.ckpt_every,
+        log_every=cfg.log_every,
+        history_csv=out_dir / "history.csv",
+        desc=f"registration {regime}",
+        progress=progress,
+    )
+    seconds = result.seconds
+    path = _save_model(model, out_dir / "model.pt", regime=regime, grid=grid, n_pairs=n, cases=data.cases)
+    model.n_train_pairs = n
+    model.eval()
+    return TrainedRegistration(model, result.history, seconds, n, path)
+
+
+def load_registration(
+    profile: Profile, work_dir: str | Path, regime_or_path: str | Path, device: torch.device
+) -> TwoStepRegistration:
+    """A trained model: a regime name (→ ``work_dir/registration/<regime>/model.pt``) or a file path.
+
+    Accepts this package's ``model.pt`` and the paper's released ``regnets_state_*.pth`` (a list of two
+    UNet state dicts, fp16 or fp32, possibly ``torch.compile``-prefixed; built with the paper's config).
+    """
+    path = Path(regime_or_path)
+    if str(regime_or_path) in REGIMES:
+        path = Path(work_dir) / "registration" / str(regime_or_path) / "model.pt"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} does not exist: train it with chapter 5 "
+                f"(python -m regdiff_core train-registration --profile {profile.name} --regime {regime_or_path})"
+            )
+    if not path.exists():
+        raise FileNotFoundError(f"registration checkpoint {path} does not exist")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(payload, dict) and "nets" in payload:
+        cfg = RegistrationConfig(**_tuples(payload["config"]))
+        states, dims, n_pairs = payload["nets"], payload.get("spatial_dims", 3), payload.get("n_pairs")
+    elif isinstance(payload, list | tuple) and len(payload) == 2:  # the seed's released networks
+        cfg, states, dims, n_pairs = released_config(profile), list(payload), 3, None
+    else:
+        raise ValueError(f"{path}: neither a chapter-5 model.pt nor a list of two UNet state dicts")
+    model = build_registration(cfg, dims)
+    for net, sd in zip(model.nets, states):
+        sd = clean_state_dict(sd)
+        net.load_state_dict({k: v.float() if torch.is_floating_point(v) else v for k, v in sd.items()})
+    model.n_train_pairs = n_pairs
+    return model.to(device).eval()
+
+
+def _tuples(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def released_config(profile: Profile) -> RegistrationConfig:
+    """The paper's registration settings, with ``scale`` chosen so that the grid is the paper's 128×104×128
+    for this profile's volumes (paper: ½; colab: 1; ci: 2, i.e. the 4 mm masks upsampled — approximate)."""
+    scale = CANONICAL_SHAPE[0] / 2 / profile.data.shape[0]
+    return dataclasses.replace(RegistrationConfig(), scale=scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# Test-time adaptation.
+# --------------------------------------------------------------------------------------------------
+
+
+class TTAResult(NamedTuple):
+    model: TwoStepRegistration  # the adapted copy (the input model is left untouched)
+    history: list[dict[str, float]]
+    seconds: float
+
+
+def test_time_adapt(
+    model: TwoStepRegistration,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    iterations: int,
+    lr: float,
+    amp: bool = False,
+) -> TTAResult:
+    """Fine-tune copies of both networks on one pair (A, B): (1, 1, *S) on the registration grid.
+
+    ``iterations`` greedy iterations with Adam(lr) per network and the training loss (paper: 50, 0.005).
+    """
+    adapted = copy.deepcopy(model).train()
+    optimizers = make_optimizers(adapted, lr)
+    amp = amp and A.device.type == "cuda"
+    scaler = torch.amp.GradScaler(A.device.type, enabled=amp) if amp else None
+    history = []
+    t0 = time.perf_counter()
+    for _ in range(iterations):
+        history.append(greedy_iteration(adapted, optimizers, A, B, scaler, amp))
+    return TTAResult(adapted.eval(), history, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures (reused by chapters 5 and 6).
+# --------------------------------------------------------------------------------------------------
+
+
+def swirl_velocity(shape: Sequence[int], amplitude: float, sigma: float) -> torch.Tensor:
+    """A 2D teaching example: a rotation about the centre fading with a Gaussian of width ``sigma`` (voxels).
+
+    Returns (1, 2, H, W) in voxels; the largest speed is about ``amplitude`` voxels.
+    """
+    H, W = shape
+    i, j = torch.meshgrid(
+        torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij"
+    )
+    di, dj = i - (H - 1) / 2, j - (W - 1) / 2
+    # v(x) = a·e^{−|x−c|²/2σ²}·(−(x_j − c_j), x_i − c_i)/σ
+    weight = amplitude * torch.exp(-(di**2 + dj**2) / (2 * sigma**2)) / sigma * math.exp(0.5)
+    return torch.stack([-dj * weight, di * weight]).unsqueeze(0)
+
+
+def show_slice(ax, image, **kwargs):
+    """``imshow`` of a 2D array (U, V) with U across and V upwards (chapter 1's orientation)."""
+    image = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else image
+    return ax.imshow(image.T, origin="lower", interpolation="nearest", **kwargs)
+
+
+def plot_deformed_grid(
+    ax, ddf: torch.Tensor, step: int = 4, color: str = "C0", linewidth: float = 0.7
+) -> None:
+    """Draw x ↦ x + u(x) of a 2D field ``ddf`` (2, U, V) in voxels as grid lines (U across, V upwards).
+
+    Under the pull-back convention the drawn lines are where each grid point of the target samples the
+    source image.
+    """
+    u = ddf.detach().cpu().float()
+    U, V = u.shape[1:]
+    ii, jj = torch.meshgrid(
+        torch.arange(U, dtype=torch.float32), torch.arange(V, dtype=torch.float32), indexing="ij"
+    )
+    pu, pv = (ii + u[0]).numpy(), (jj + u[1]).numpy()
+    for r in list(range(0, U, step)) + [U - 1]:
+        ax.plot(pu[r], pv[r], color=color, lw=linewidth)
+    for c in list(range(0, V, step)) + [V - 1]:
+        ax.plot(pu[:, c], pv[:, c], color=color, lw=linewidth)
+    ax.set_xlim(-0.5, U - 0.5)
+    ax.set_ylim(-0.5, V - 0.5)
+    ax.set_aspect("equal")
+
+
+def plot_velocity(ax, v: torch.Tensor, step: int = 4, color: str = "C3") -> None:
+    """Arrows of a 2D field ``v`` (2, U, V) in voxels, every ``step`` voxels (U across, V upwards), to scale."""
+    v = v.detach().cpu().float()
+    U, V = v.shape[1:]
+    ii, jj = torch.meshgrid(torch.arange(0, U, step), torch.arange(0, V, step), indexing="ij")
+    sub = v[:, ::step, ::step]
+    ax.quiver(ii, jj, sub[0], sub[1], angles="xy", scale_units="xy", scale=1, color=color, width=0.004)
+    ax.set_xlim(-0.5, U - 0.5)
+    ax.set_ylim(-0.5, V - 0.5)
+    ax.set_aspect("equal")
+
+
+def slice_field(ddf: torch.Tensor, axis: int, index: int) -> torch.Tensor:
+    """The in-plane components of a 3D field (3, H, W, D) on slice ``index`` of ``axis`` → (2, ·, ·)."""
+    keep = [c for c in range(3) if c != axis]
+    return ddf.select(axis + 1, index)[keep]
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU check and CLI.
+# --------------------------------------------------------------------------------------------------
+
+
+def gpu_benchmark(device: torch.device, small: bool = False) -> dict[str, Any]:
+    """One paper-size training iteration (batch 8 at 128×104×128) and one TTA iteration (batch 1).
+
+    ``small=True``: tiny sizes (a CPU smoke test). Returns seconds per iteration and peak memory (GB, CUDA only).
+    """
+    cfg = RegistrationConfig()
+    grid, batch = (128, 104, 128), cfg.batch_size
+    if small:
+        cfg = dataclasses.replace(cfg, channels=(4, 8, 8, 8, 8, 8))
+        grid, batch = (24, 16, 24), 2
+    model = build_registration(cfg).to(device)
+    optimizers = make_optimizers(model, cfg.lr)
+    amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=amp) if amp else None
+    gen = torch.Generator().manual_seed(0)
+    # smooth random blobs as stand-in masks
+    A = to_grid((torch.rand(batch, 1, *(g // 4 for g in grid), generator=gen) > 0.7).float(), grid).to(device)
+    B = torch.roll(A, shifts=2, dims=2)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    greedy_iteration(model, optimizers, A, B, scaler, amp)  # warm-up (cuDNN autotuning, allocations)
+    sync()
+    with timer() as t_train:
+        greedy_iteration(model, optimizers, A, B, scaler, amp)
+        sync()
+    peak_train = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with timer() as t_tta:
+        test_time_adapt(model, A[:1], B[:1], 1, EvaluationConfig().tta_lr, amp)
+        sync()
+    peak_tta = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    return {
+        "grid": list(grid),
+        "batch_size": batch,
+        "parameters_per_net": count_parameters(model.nets[0]),
+        "train_iteration_seconds": t_train["seconds"],
+        "train_peak_memory_gb": peak_train,
+        "tta_iteration_seconds": t_tta["seconds"],
+        "tta_peak_memory_gb": peak_tta,
+        "amp": amp,
+    }
+
+
+def register_cli(subparsers, common) -> None:
+    p = subparsers.add_parser(
+        "train-registration", parents=[common], help="chapter 5: train the two-step registration network"
+    )
+    p.add_argument(
+        "--regime", default=None, choices=sorted(REGIMES), help="which training pairs (default: every regime)"
+    )
+    p.set_defaults(func=_cli_train)
+
+
+def _cli_train(args, profile: Profile) -> int:
+    from regdiff_core.utils import resolve_device, seed_everything
+
+    device = resolve_device(args.device)
+    for regime in [args.regime] if args.regime else profile.registration.regimes:
+        seed_everything(args.seed)
+        result = train_regime(profile, regime, Path(args.work_dir), device)
+        last = result.history[-1]["loss"] if result.history else float("nan")
+        print(
+            f"{regime}: {result.n_pairs} pairs, final loss {last:.4f}, {result.seconds:.1f} s → {result.path}"
+        )
+    return 0

@@ -1,0 +1,728 @@
+"""Chapter 4: sample new token grids, decode them into synthetic paired volumes, export and judge them.
+
+The pipeline: :func:`regdiff_core.diffusion.sample_tokens` draws token grids from the trained denoiser
+(chapter 3); the VQ-AE decoder (chapter 2) turns each grid into two vessel-probability volumes, fixed
+(inhale) and moving (exhale), at ``profile.data.shape``; :func:`export_pair` writes each pair as
+
+- ``synth_NNNN.npz`` with fp16 arrays ``fix`` and ``mov`` (H, W, D): P(vessel) per voxel — what the
+  registration chapter reads back with :func:`load_synthetic` — and the int16 token grid ``tokens``;
+- ``synth_NNNN_1.nii.gz`` / ``synth_NNNN_2.nii.gz``: the masks binarised at 0.5, in the seed's canonical
+  256×208×256 frame (each profile voxel repeated over the block it covers, the inverse of
+  :func:`regdiff_core.data.block_reduce`), uint8, 1 mm voxels — for viewers such as ITK-SNAP;
+- ``manifest.json``: how they were made (profile, steps, temperature, seed, timings).
+
+Statistics a reader can judge the synthetic pairs by (all on masks binarised at 0.5): vessel volume
+fraction, fixed-vs-moving Dice (how much "breathing" a pair contains), the distance between token
+histograms and the neighbour agreement of token grids (spatial coherence), and a memorisation check —
+each synthetic pair's Dice to its nearest *training* pair, against the same number for real pairs (each
+training pair to its nearest *other* training pair) and for VQ-AE reconstructions of the training pairs
+(about what a copy would score). Pair Dice over all pairs is one chunked matrix product
+(:func:`dice_matrix`), so it stays cheap at paper size.
+
+Differences from the seed (``infer_sampler.py``): the seed stores both softmax channels
+(background, vessel) per volume, shape (2, H, W, D); we store the vessel channel only (the background
+is 1 − p; :func:`load_synthetic` reads either layout). The seed has no NIfTI export, no statistics and
+no memorisation check.
+
+Left out: FID-like feature distances (no pretrained 3D vessel network exists to take features from)
+and registration-based checks of the synthetic deformation (chapter 5 trains on the pairs; chapter 6
+measures what they are worth).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import torch
+
+from regdiff_core.config import CANONICAL_SHAPE, Profile
+from regdiff_core.diffusion import Denoiser, TokenSamples, load_denoiser, sample_tokens, token_slice_rgb
+
+if TYPE_CHECKING:
+    from regdiff_core.data import PairSet
+
+#: Where :func:`sample_to_disk` writes by default and :func:`load_synthetic` reads, under ``work_dir``.
+SYNTHETIC_DIR = "synthetic"
+PREFIX = "synth_"
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling and decoding
+# --------------------------------------------------------------------------------------------------
+
+
+class SyntheticPairs(NamedTuple):
+    """``tokens``/``unmask_step`` (n, h, w, d); ``fixed``/``moving`` (n, H, W, D) float32 P(vessel);
+    ``seconds_tokens``/``seconds_decode``: wall time of the two stages (s); ``network_calls``."""
+
+    tokens: torch.Tensor
+    unmask_step: torch.Tensor
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    seconds_tokens: float
+    seconds_decode: float
+    network_calls: int
+
+    @property
+    def seconds_per_pair(self) -> float:
+        return (self.seconds_tokens + self.seconds_decode) / max(len(self.tokens), 1)
+
+
+@torch.no_grad()
+def decode_probabilities(
+    vqae, tokens: torch.Tensor, *, batch_size: int = 2, amp: bool = True
+) -> torch.Tensor:
+    """Token grids (n, h, w, d) → (n, 2, H, W, D) float32 P(vessel) on the CPU, channels (fixed, moving)."""
+    from regdiff_core.vqae import decode_tokens
+
+    device = next(vqae.parameters()).device
+    probs = decode_tokens(vqae, tokens, device, batch_size=batch_size, amp=amp)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return probs
+
+
+@torch.no_grad()
+def decode_masks(
+    vqae, tokens: torch.Tensor, *, threshold: float = 0.5, batch_size: int = 2, amp: bool = True
+) -> torch.Tensor:
+    """Token grids (n, h, w, d) → binary masks (n, 2, H, W, D) bool, ``P(vessel) > threshold``, decoded
+    ``batch_size`` at a time so that only masks (1 byte per voxel), never probabilities, pile up."""
+    return torch.cat(
+        [
+            decode_probabilities(vqae, t, batch_size=batch_size, amp=amp) > threshold
+            for t in tokens.split(batch_size)
+        ]
+    )
+
+
+def generate_pairs(
+    denoiser: Denoiser,
+    vqae,
+    n: int,
+    *,
+    steps: int,
+    temperature: float,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    amp: bool = True,
+    progress: bool = False,
+) -> SyntheticPairs:
+    """Sample ``n`` token grids and decode them, all in memory (use :func:`sample_to_disk` for many)."""
+    samples = sample_tokens(
+        denoiser, n, steps=steps, temperature=temperature, batch_size=batch_size, generator=generator,
+        amp=amp, progress=progress,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    probs = decode_probabilities(vqae, samples.tokens, batch_size=batch_size, amp=amp)
+    return SyntheticPairs(
+        tokens=samples.tokens, unmask_step=samples.unmask_step, fixed=probs[:, 0], moving=probs[:, 1],
+        seconds_tokens=samples.seconds, seconds_decode=time.perf_counter() - t0,
+        network_calls=samples.network_calls,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Export and loading
+# --------------------------------------------------------------------------------------------------
+
+
+def to_canonical(mask: torch.Tensor) -> torch.Tensor:
+    """A profile-resolution volume (H, W, D) → the canonical 256×208×256 frame by repeating each voxel
+    over the block it covers (voxel k ↦ canonical [k·f, (k+1)·f)); ``block_reduce`` undoes it exactly."""
+    from regdiff_core.data import block_factors
+
+    f = block_factors(mask.shape[-3:])
+    out = mask
+    for axis, factor in zip((-3, -2, -1), f):
+        if factor > 1:
+            out = out.repeat_interleave(factor, dim=axis)
+    assert tuple(out.shape[-3:]) == CANONICAL_SHAPE
+    return out
+
+
+def export_pair(
+    out_dir: str | Path, name: str, fixed: torch.Tensor, moving: torch.Tensor, *, tokens: torch.Tensor | None = None,
+    nifti: bool = True, threshold: float = 0.5,
+) -> list[Path]:  # fmt: skip
+    """Write one synthetic pair: ``name.npz`` (fp16 ``fix``/``mov``, (H, W, D) P(vessel), and the token grid
+    ``tokens`` (h, w, d) int16 when given) and, with ``nifti``, ``name_1.nii.gz``/``name_2.nii.gz`` (masks
+    ``p > threshold`` in the canonical frame)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # round to fp16 first, so that the nii.gz masks agree with load_synthetic(binary=True) voxel for voxel
+    fixed, moving = fixed.detach().cpu().half(), moving.detach().cpu().half()
+    npz = out_dir / f"{name}.npz"
+    tmp = out_dir / f".{name}.tmp.npz"
+    extra = {"tokens": tokens.detach().cpu().to(torch.int16).numpy()} if tokens is not None else {}
+    np.savez_compressed(tmp, fix=fixed.numpy(), mov=moving.numpy(), **extra)
+    tmp.replace(npz)
+    paths = [npz]
+    if nifti:
+        import nibabel as nib
+
+        for suffix, volume in (("1", fixed), ("2", moving)):
+            mask = to_canonical((volume.float() > threshold).to(torch.uint8)).numpy()
+            image = nib.Nifti1Image(mask, affine=np.eye(4))  # 1 mm voxels, canonical frame
+            image.header.set_data_dtype(np.uint8)
+            path = out_dir / f"{name}_{suffix}.nii.gz"
+            nib.save(image, path)
+            paths.append(path)
+    return paths
+
+
+def _clear(out_dir: Path) -> None:
+    """Remove earlier synthetic pairs (only files this module names) so a smaller run leaves no extras."""
+    for path in list(out_dir.glob(f"{PREFIX}*.npz")) + list(out_dir.glob(f"{PREFIX}*.nii.gz")):
+        path.unlink()
+
+
+class SampleReport(NamedTuple):
+    """What :func:`sample_to_disk` did: ``n`` pairs in ``out_dir``; seconds of sampling + decoding per pair
+    (export excluded); ``seconds_export``: writing the files; ``network_calls``: denoiser evaluations."""
+
+    n: int
+    out_dir: Path
+    seconds_per_pair: float
+    seconds_tokens: float
+    seconds_decode: float
+    seconds_export: float
+    network_calls: int
+
+
+def sample_to_disk(
+    profile: Profile,
+    work_dir: str | Path,
+    device: torch.device,
+    *,
+    n: int | None = None,
+    out_dir: str | Path | None = None,
+    seed: int = 0,
+    nifti: bool | None = None,
+    progress: bool = True,
+    denoiser: Denoiser | None = None,
+    vqae=None,
+) -> SampleReport:
+    """Sample ``n`` (default ``profile.sampling.n_pairs``) pairs batch by batch and export each one.
+
+    Keeps only one batch in memory, so 256 full-size pairs fit anywhere. ``out_dir`` defaults to
+    ``work_dir/synthetic`` (where :func:`load_synthetic` looks); earlier ``synth_*`` files there are removed.
+    """
+    from tqdm.auto import tqdm
+
+    from regdiff_core.vqae import load_vqae
+
+    cfg = profile.sampling
+    work_dir = Path(work_dir)
+    n = cfg.n_pairs if n is None else int(n)
+    nifti = cfg.export_nifti if nifti is None else nifti
+    out_dir = Path(out_dir) if out_dir is not None else work_dir / SYNTHETIC_DIR
+    denoiser = denoiser if denoiser is not None else load_denoiser(work_dir, device)
+    vqae = vqae if vqae is not None else load_vqae(profile, work_dir, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clear(out_dir)
+    generator = torch.Generator().manual_seed(seed)
+    amp = profile.diffusion.amp
+    totals = {"tokens": 0.0, "decode": 0.0, "export": 0.0, "calls": 0}
+    bar = tqdm(total=n, desc="synthetic pairs", disable=not progress)
+    for start in range(0, n, cfg.batch_size):
+        b = min(cfg.batch_size, n - start)
+        pairs = generate_pairs(
+            denoiser, vqae, b, steps=cfg.steps, temperature=cfg.temperature, batch_size=cfg.batch_size,
+            generator=generator, amp=amp,
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        for j in range(b):
+            export_pair(out_dir, f"{PREFIX}{start + j + 1:04d}", pairs.fixed[j], pairs.moving[j],
+                        tokens=pairs.tokens[j], nifti=nifti, threshold=cfg.threshold)  # fmt: skip
+        totals["export"] += time.perf_counter() - t0
+        totals["tokens"] += pairs.seconds_tokens
+        totals["decode"] += pairs.seconds_decode
+        totals["calls"] += pairs.network_calls
+        bar.update(b)
+    bar.close()
+    report = SampleReport(
+        n=n, out_dir=out_dir, seconds_per_pair=(totals["tokens"] + totals["decode"]) / max(n, 1),
+        seconds_tokens=totals["tokens"], seconds_decode=totals["decode"], seconds_export=totals["export"],
+        network_calls=int(totals["calls"]),
+    )  # fmt: skip
+    manifest = {
+        "profile": profile.name, "n": n, "steps": cfg.steps, "temperature": cfg.temperature, "seed": seed,
+        "shape": list(profile.data.shape), "device": str(device), "nifti": nifti,
+        "seconds_per_pair": report.seconds_per_pair, "network_calls": report.network_calls,
+    }  # fmt: skip
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return report
+
+
+def synthetic_files(work_dir: str | Path, folder: str | Path | None = None) -> list[Path]:
+    """The ``synth_*.npz`` files of ``folder`` (default ``work_dir/synthetic``), sorted by name."""
+    folder = Path(folder) if folder is not None else Path(work_dir) / SYNTHETIC_DIR
+    return sorted(folder.glob(f"{PREFIX}*.npz"))
+
+
+def _vessel_channel(array: np.ndarray) -> np.ndarray:
+    """(H, W, D) P(vessel) as stored here, or the seed's (2, H, W, D) softmax → its vessel channel."""
+    return array[1] if array.ndim == 4 and array.shape[0] == 2 else array
+
+
+def load_synthetic(
+    work_dir: str | Path, n: int | None = None, *, binary: bool = False, threshold: float = 0.5,
+    folder: str | Path | None = None,
+) -> PairSet:  # fmt: skip
+    """The first ``n`` (default all) synthetic pairs from ``work_dir/synthetic/*.npz`` as a ``PairSet``.
+
+    ``fixed``/``moving`` (n, H, W, D): float32 P(vessel), or with ``binary=True`` uint8 masks
+    ``p > threshold`` (a quarter of the memory, like the real pairs). ``spacing`` is all ones (mm).
+    """
+    from regdiff_core.data import PairSet
+
+    files = synthetic_files(work_dir, folder)
+    if not files:
+        where = Path(folder) if folder is not None else Path(work_dir) / SYNTHETIC_DIR
+        raise FileNotFoundError(
+            f"no synthetic pairs ({PREFIX}*.npz) in {where}: run chapter 4 (notebooks/04_sampling.ipynb) or "
+            "`python -m regdiff_core sample --profile <P> --work-dir <W>` first"
+        )
+    if n is not None:
+        if n > len(files):
+            raise ValueError(f"asked for {n} synthetic pairs, {len(files)} exist in {files[0].parent}")
+        files = files[:n]
+    fixed, moving = [], []
+    for path in files:
+        with np.load(path) as z:
+            for key, out in (("fix", fixed), ("mov", moving)):
+                p = torch.from_numpy(_vessel_channel(z[key]).astype(np.float32))
+                out.append((p > threshold).to(torch.uint8) if binary else p)
+    return PairSet(
+        cases=[p.stem for p in files], fixed=torch.stack(fixed), moving=torch.stack(moving),
+        spacing=torch.ones(len(files), 3), raw_shapes=None,
+    )  # fmt: skip
+
+
+def load_synthetic_tokens(
+    work_dir: str | Path, n: int | None = None, folder: str | Path | None = None
+) -> torch.Tensor:
+    """The token grids (n, h, w, d) long stored with the first ``n`` synthetic pairs (see :func:`export_pair`)."""
+    files = synthetic_files(work_dir, folder)[:n]
+    if not files:
+        raise FileNotFoundError(f"no synthetic pairs in {Path(folder or Path(work_dir) / SYNTHETIC_DIR)}")
+    grids = []
+    for path in files:
+        with np.load(path) as z:
+            if "tokens" not in z:
+                raise KeyError(f"{path} has no token grid (written by the seed or with tokens=None)")
+            grids.append(torch.from_numpy(z["tokens"].astype(np.int64)))
+    return torch.stack(grids)
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def binarise_pairs(pairs, threshold: float = 0.5) -> torch.Tensor:
+    """A ``PairSet`` (uint8 masks or float probabilities) → (N, 2, H, W, D) bool, ``value > threshold``."""
+    return torch.stack((pairs.fixed.float() > threshold, pairs.moving.float() > threshold), dim=1)
+
+
+def volume_fraction(masks: torch.Tensor) -> torch.Tensor:
+    """Vessel volume fraction per pair, ``masks`` (N, 2, H, W, D) bool → (N,), mean of fixed and moving."""
+    return masks.flatten(2).double().mean(-1).mean(-1)
+
+
+def pair_dice(masks: torch.Tensor) -> torch.Tensor:
+    """Dice between the fixed and the moving mask of each pair, (N, 2, H, W, D) bool → (N,).
+
+    Dice = 2|F ∩ M| / (|F| + |M|); 1 for two empty masks. Low values mean much motion (or noise).
+    """
+    f, m = masks[:, 0].flatten(1), masks[:, 1].flatten(1)
+    inter = (f & m).sum(1).double()
+    total = (f.sum(1) + m.sum(1)).double()
+    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+
+
+def dice_matrix(a: torch.Tensor, b: torch.Tensor, *, chunk: int = 1 << 20) -> torch.Tensor:
+    """All-pairs Dice of binary masks: ``a`` (n, ...) and ``b`` (m, ...) bool → (n, m) float64.
+
+    Intersections as matrix products over voxel chunks (float32 per chunk, exact below 2²⁴ voxels;
+    accumulated in float64), so n·m Dice values cost one pass over the voxels.
+    """
+    a, b = a.flatten(1), b.flatten(1)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"masks differ in size: {tuple(a.shape)} vs {tuple(b.shape)}")
+    inter = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64)
+    for s in range(0, a.shape[1], chunk):
+        # |A ∩ B| = Σ_v a_v b_v
+        inter += (a[:, s : s + chunk].float() @ b[:, s : s + chunk].float().T).double()
+    size_a = a.sum(1).double()[:, None]
+    size_b = b.sum(1).double()[None, :]
+    total = size_a + size_b
+    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+
+
+class NearestNeighbour(NamedTuple):
+    """For each query pair: ``dice`` (n,) to its nearest reference pair and that pair's ``index`` (n,)."""
+
+    dice: torch.Tensor
+    index: torch.Tensor
+
+
+def nearest_pair_dice(
+    query: torch.Tensor, reference: torch.Tensor, *, exclude_self: bool = False
+) -> NearestNeighbour:
+    """Nearest reference pair by pair Dice (fixed and moving masks together, (N, 2, H, W, D) bool).
+
+    ``exclude_self``: ``query`` *is* ``reference``; a pair may not be its own neighbour.
+    """
+    d = dice_matrix(query, reference)
+    if exclude_self:
+        if d.shape[0] != d.shape[1]:
+            raise ValueError("exclude_self needs query and reference to be the same set")
+        d.fill_diagonal_(-math.inf)
+    best, index = d.max(dim=1)
+    return NearestNeighbour(dice=best, index=index)
+
+
+def token_histogram(tokens: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """Relative frequency of each codebook index over all grids, (codebook_size,) float64, sums to 1."""
+    counts = torch.bincount(tokens.flatten().long(), minlength=codebook_size).double()
+    return counts / counts.sum().clamp(min=1)
+
+
+def token_histogram_distance(tokens_a: torch.Tensor, tokens_b: torch.Tensor, codebook_size: int) -> float:
+    """Total-variation distance ½ Σ_k |p_k − q_k| between two token histograms, in [0, 1]."""
+    p = token_histogram(tokens_a, codebook_size)
+    q = token_histogram(tokens_b, codebook_size)
+    # TV(p, q) = ½ Σ_k |p_k − q_k|
+    return float(0.5 * (p - q).abs().sum())
+
+
+def neighbour_agreement(tokens: torch.Tensor) -> float:
+    """Share of face-adjacent token pairs (along each of the 3 grid axes) that hold the same code.
+
+    ``tokens`` (n, h, w, d). A spatial-coherence number the token histogram cannot see: tokens drawn
+    independently per position can match the histogram yet form a patchwork.
+    """
+    same, total = 0, 0
+    for axis in (1, 2, 3):
+        a = tokens.narrow(axis, 0, tokens.shape[axis] - 1)
+        b = tokens.narrow(axis, 1, tokens.shape[axis] - 1)
+        same += int((a == b).sum())
+        total += a.numel()
+    return same / max(total, 1)
+
+
+def pair_statistics(masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-pair numbers of (N, 2, H, W, D) bool masks: ``volume_fraction`` and ``pair_dice`` (N,)."""
+    return {"volume_fraction": volume_fraction(masks), "pair_dice": pair_dice(masks)}
+
+
+def statistics_rows(stats: dict[str, dict[str, torch.Tensor]]) -> list[dict[str, object]]:
+    """Table rows (mean ± sd) from ``{name: pair_statistics(masks)}``: volume fraction in %, pair Dice."""
+    rows = []
+    for name, s in stats.items():
+        vf, pd = summarise(s["volume_fraction"]), summarise(s["pair_dice"])
+        rows.append({
+            "pairs": name, "n": len(s["pair_dice"]),
+            "volume fraction (%)": f"{100 * vf['mean']:.2f} ± {100 * vf['std']:.2f}",
+            "fixed-vs-moving Dice": f"{pd['mean']:.3f} ± {pd['std']:.3f}",
+        })  # fmt: skip
+    return rows
+
+
+class Memorisation(NamedTuple):
+    """``synthetic``: each synthetic pair's nearest training pair; ``real``: each training pair's nearest
+    *other* training pair; ``copy_dice`` (N_train,): each training pair against its VQ-AE reconstruction,
+    i.e. about what an exact copy of a training token grid scores after decoding."""
+
+    synthetic: NearestNeighbour
+    real: NearestNeighbour
+    copy_dice: torch.Tensor
+
+    def summary(self) -> str:
+        """Two sentences built from the numbers (so the text never claims more than they show)."""
+        s, r, c = self.synthetic.dice, self.real.dice, self.copy_dice
+        close = int((s >= c.min()).sum())
+        return (
+            f"Mean pair Dice: synthetic → nearest training {float(s.mean()):.3f} (max {float(s.max()):.3f}); "
+            f"real → nearest other training {float(r.mean()):.3f}; VQ-AE copy → original {float(c.mean()):.3f}.\n"
+            f"{close} of {len(s)} synthetic pairs are at least as close to a training pair as the least faithful "
+            f"VQ-AE copy ({float(c.min()):.3f}); {len(torch.unique(self.synthetic.index))} different training "
+            "pairs are nearest neighbours."
+        )
+
+
+def memorisation_check(synthetic: torch.Tensor, train: torch.Tensor, copies: torch.Tensor) -> Memorisation:
+    """Nearest-training-pair Dice of ``synthetic`` (n, 2, H, W, D) bool against ``train`` (N, 2, H, W, D),
+    with the references of :class:`Memorisation`; ``copies``: the training pairs' VQ-AE reconstructions."""
+    copy_dice = pair_dice(torch.stack((copies.flatten(1), train.flatten(1)), dim=1))
+    return Memorisation(
+        synthetic=nearest_pair_dice(synthetic, train),
+        real=nearest_pair_dice(train, train, exclude_self=True),
+        copy_dice=copy_dice,
+    )
+
+
+def plot_memorisation(check: Memorisation):
+    """The three Dice distributions of a :class:`Memorisation` as a strip plot on [0, 1]."""
+    import matplotlib.pyplot as plt
+
+    groups = {
+        "synthetic → nearest training": check.synthetic.dice,
+        "real → nearest other training": check.real.dice,
+        "VQ-AE copy → its original": check.copy_dice,
+    }
+    fig, ax = plt.subplots(figsize=(8, 3.2), constrained_layout=True)
+    for k, d in enumerate(groups.values()):
+        ax.scatter(d.numpy(), k + np.linspace(-0.15, 0.15, len(d)), s=14)
+    ax.set_yticks(range(len(groups)), list(groups))
+    ax.set_xlabel("pair Dice (fixed and moving masks together)")
+    ax.set_xlim(0, 1)
+    return fig
+
+
+def quality_vs_steps(
+    denoiser: Denoiser,
+    vqae,
+    reference_tokens: torch.Tensor,
+    steps_list: Sequence[int],
+    n: int,
+    *,
+    temperature: float,
+    batch_size: int,
+    threshold: float = 0.5,
+    seed: int = 0,
+    amp: bool = True,
+) -> list[dict[str, float]]:
+    """Sample ``n`` pairs (same seed) for each number of steps; one row per entry: denoiser calls, seconds
+    per pair (sampling + decoding), mean volume fraction (%), mean fixed-vs-moving Dice, and the token
+    histogram distance to ``reference_tokens`` and the :func:`neighbour_agreement` of the sampled grids."""
+    rows = []
+    for steps in steps_list:
+        out = generate_pairs(
+            denoiser, vqae, n, steps=steps, temperature=temperature, batch_size=batch_size, amp=amp,
+            generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        st = pair_statistics(torch.stack((out.fixed > threshold, out.moving > threshold), dim=1))
+        rows.append({
+            "steps": steps, "denoiser calls": out.network_calls, "s per pair": out.seconds_per_pair,
+            "volume fraction (%)": 100 * float(st["volume_fraction"].mean()),
+            "fixed-vs-moving Dice": float(st["pair_dice"].mean()),
+            "token distance": token_histogram_distance(out.tokens, reference_tokens, denoiser.codebook_size),
+            "neighbour agreement": neighbour_agreement(out.tokens),
+        })  # fmt: skip
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Showing the sampler at work
+# --------------------------------------------------------------------------------------------------
+
+
+class UnmaskingFrame(NamedTuple):
+    """The state after ``step`` steps: ``x_t`` (h, w, d) with mask ids, ``unmasked`` fraction, and
+    ``probs`` (2, H, W, D): the decoded one-shot guess of x_0 (denoiser argmax at the masked places)."""
+
+    step: int
+    x_t: torch.Tensor
+    unmasked: float
+    probs: torch.Tensor
+
+
+@torch.no_grad()
+def unmasking_frames(
+    denoiser: Denoiser, vqae, samples: TokenSamples, index: int = 0, n_frames: int = 9, amp: bool = True
+) -> list[UnmaskingFrame]:
+    """Re-play sample ``index`` of a :func:`sample_tokens` run at ``n_frames`` steps from 0 to S.
+
+    ``step`` s means "after s sampler steps" (s = 0: all masked; s = S: the final grid).
+    """
+    from regdiff_core.utils import autocast
+
+    device = next(denoiser.parameters()).device
+    S = samples.steps
+    steps = sorted({int(round(s)) for s in np.linspace(0, S, n_frames)})
+    tokens, when = samples.tokens[index], samples.unmask_step[index]
+    frames = []
+    for s in steps:
+        # x after s steps: the tokens drawn at steps 0 … s−1, the mask id elsewhere
+        x_t = torch.where(when < s, tokens, torch.full_like(tokens, denoiser.mask_id))
+        with autocast(device, amp):
+            logits = denoiser(x_t.reshape(1, -1).to(device))
+        guess = torch.where(
+            x_t.reshape(1, -1).to(device) == denoiser.mask_id,
+            logits.argmax(-1),
+            x_t.reshape(1, -1).to(device),
+        )
+        probs = decode_probabilities(vqae, guess.view(1, *tokens.shape), batch_size=1, amp=amp)[0]
+        frames.append(UnmaskingFrame(step=s, x_t=x_t, unmasked=float((when < s).float().mean()), probs=probs))
+    return frames
+
+
+def plot_unmasking_strip(
+    frames: Sequence[UnmaskingFrame], mask_id: int, axis: int = 1, suptitle: str | None = None
+):
+    """Static strip: for each frame the token grid's middle slice (top, grey = masked) and the decoded
+    guess of x_0 as a maximum-intensity projection, fixed blue / moving orange (bottom)."""
+    import matplotlib.pyplot as plt
+
+    from regdiff_core.data import plot_mip_overlay
+
+    n = len(frames)
+    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), constrained_layout=True, squeeze=False)
+    for k, frame in enumerate(frames):
+        axes[0, k].imshow(token_slice_rgb(frame.x_t, mask_id, axis), origin="lower", interpolation="nearest")
+        axes[0, k].set_title(f"step {frame.step}\n{100 * frame.unmasked:.0f}% unmasked", fontsize=9)
+        plot_mip_overlay(frame.probs[0], frame.probs[1], axis=axis, ax=axes[1, k])
+        for ax in axes[:, k]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel("")
+            ax.set_ylabel("")
+    axes[0, 0].set_ylabel("tokens (slice)")
+    axes[1, 0].set_ylabel("decoded guess (MIP)")
+    if suptitle:
+        fig.suptitle(suptitle)
+    return fig
+
+
+def unmasking_animation(frames: Sequence[UnmaskingFrame], mask_id: int, axis: int = 1) -> str:
+    """The frames as an HTML/JavaScript player with a step slider (``FuncAnimation.to_jshtml``).
+
+    Unlike an ipywidgets slider, it keeps working in the static book: every frame is embedded.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib import animation
+
+    from regdiff_core.data import overlay_rgb, projection
+
+    fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(7, 3.4), constrained_layout=True)
+    first = frames[0]
+    im_t = ax_t.imshow(token_slice_rgb(first.x_t, mask_id, axis), origin="lower", interpolation="nearest")
+
+    def mip(frame: UnmaskingFrame) -> np.ndarray:
+        return np.swapaxes(
+            overlay_rgb(projection(frame.probs[0], axis), projection(frame.probs[1], axis)), 0, 1
+        )
+
+    im_v = ax_v.imshow(mip(first), origin="lower", interpolation="nearest")
+    for ax in (ax_t, ax_v):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax_v.set_title("decoded guess of x_0 (MIP)")
+
+    def draw(k: int):
+        frame = frames[k]
+        im_t.set_data(token_slice_rgb(frame.x_t, mask_id, axis))
+        im_v.set_data(mip(frame))
+        ax_t.set_title(f"tokens after step {frame.step} ({100 * frame.unmasked:.0f}% unmasked)")
+        return im_t, im_v
+
+    anim = animation.FuncAnimation(fig, draw, frames=len(frames), interval=400, blit=False)
+    html = anim.to_jshtml(default_mode="once")
+    plt.close(fig)
+    return html
+
+
+def plot_gallery(real, synthetic, n: int = 4, axis: int = 1, threshold: float | None = None):
+    """Maximum-intensity projections of ``n`` real pairs (top row) and ``n`` synthetic pairs (bottom),
+    fixed blue / moving orange. ``real``/``synthetic``: ``PairSet``; ``threshold`` binarises first."""
+    import matplotlib.pyplot as plt
+
+    from regdiff_core.data import plot_mip_overlay
+
+    n = min(n, len(real), len(synthetic))
+    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 6.4), constrained_layout=True, squeeze=False)
+    for row, (label, pairs) in enumerate((("real", real), ("synthetic", synthetic))):
+        for k in range(n):
+            f, m = pairs.fixed[k].float(), pairs.moving[k].float()
+            if threshold is not None:
+                f, m = (f > threshold).float(), (m > threshold).float()
+            plot_mip_overlay(f, m, axis=axis, ax=axes[row, k], title=f"{label} {pairs.cases[k]}")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def register_cli(subparsers, common) -> None:
+    p = subparsers.add_parser(
+        "sample", parents=[common], help="chapter 4: sample synthetic pairs and export npz + nii.gz"
+    )
+    p.add_argument("--n", type=int, default=None, help="number of pairs (default: sampling.n_pairs)")
+    p.add_argument("--out", type=str, default=None, help="output folder (default: <work-dir>/synthetic)")
+    p.add_argument("--no-nifti", action="store_true", help="write only the npz files")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cli_sample)
+
+
+def _cli_sample(args, profile: Profile) -> int:
+    from regdiff_core.utils import resolve_device, seed_everything
+
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    report = sample_to_disk(
+        profile, Path(args.work_dir), device, n=args.n, out_dir=args.out, seed=args.seed,
+        nifti=False if args.no_nifti else None, progress=not args.no_progress,
+    )  # fmt: skip
+    print(
+        f"[sample] {report.n} pairs → {report.out_dir} ({report.seconds_per_pair:.2f} s per pair sampling + "
+        f"decoding, {report.network_calls} denoiser calls, export {report.seconds_export:.1f} s)"
+    )
+    return 0
+
+
+def summarise(values: torch.Tensor) -> dict[str, float]:
+    """mean, std, min, max of a 1-D tensor as plain floats (for tables and metrics)."""
+    v = values.double()
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std()) if v.numel() > 1 else 0.0,
+        "min": float(v.min()),
+        "max": float(v.max()),
+    }
+
+
+__all__ = [
+    "Memorisation",
+    "memorisation_check",
+    "plot_memorisation",
+    "quality_vs_steps",
+    "statistics_rows",
+    "NearestNeighbour",
+    "SampleReport",
+    "SyntheticPairs",
+    "UnmaskingFrame",
+    "binarise_pairs",
+    "decode_masks",
+    "decode_probabilities",
+    "dice_matrix",
+    "export_pair",
+    "generate_pairs",
+    "load_synthetic",
+    "load_synthetic_tokens",
+    "nearest_pair_dice",
+    "neighbour_agreement",
+    "pair_dice",
+    "pair_statistics",
+    "plot_gallery",
+    "plot_unmasking_strip",
+    "sample_to_disk",
+    "summarise",
+    "synthetic_files",
+    "to_canonical",
+    "token_histogram",
+    "token_histogram_distance",
+    "unmasking_animation",
+    "unmasking_frames",
+    "volume_fraction",
+]

@@ -1,0 +1,863 @@
+"""Chapter 2: the paired VQ-AE — turn a (fixed, moving) vessel pair into one grid of discrete tokens.
+
+A MONAI :class:`~monai.networks.nets.AutoEncoder` maps the two-channel volume ``x`` (fixed, moving) to
+a feature map ``z_e`` with ``embed_dim`` channels on a grid ``prod(strides)`` times coarser; a
+:class:`VectorQuantizer` replaces each feature vector by its nearest codebook entry ``e_k`` (the
+*token* is ``k``); the decoder turns the quantised map ``z_q`` back into four logits, two classes
+(background, vessel) for each of the two volumes. Because both volumes go through one encoder, a
+token describes the *pair* at that place, so the diffusion model of chapter 3 learns fixed and
+moving vessels — and their correspondence — jointly.
+
+Shapes (``paper`` profile; ``ci`` is 4× smaller in every axis with 2 down-samplings instead of 4)::
+
+    x      (B, 2, 256, 208, 256)  float in [0, 1], channels (fixed, moving)
+    z_e    (B, 384, 16, 13, 16)   encoder output
+    tokens (B, 16, 13, 16)        long in [0, codebook_size)
+    logits (B, 4, 256, 208, 256)  (fixed bg, fixed vessel, moving bg, moving vessel)
+
+Every component takes ``spatial_dims`` (2 or 3) so a 2D track can reuse it.
+
+Files (all under ``work_dir``): ``vqae/ckpt.pt`` (training checkpoint, resumed automatically),
+``vqae/history.csv``, ``vqae/model.pt`` (weights + the config they were built with, read by
+:func:`load_vqae`) and ``tokens.pt`` (the training pairs' token grids, read by :func:`load_tokens`).
+
+What this module adds to the seed (``train_vqae.py`` / ``infer_vqae.py`` of the paper's code):
+codebook-health numbers (codes used and perplexity per logging window) and an optional restart of
+dead codes from recent encoder outputs; device-agnostic code with mixed precision on CUDA only.
+
+Left out on purpose:
+
+- ``torch.compile`` (the seed compiles the network): compile time dominates short runs, and
+  :func:`~regdiff_core.training.load_weights` still reads the seed-style ``_orig_mod.`` checkpoints.
+- The seed samples 128³ training patches from the *uncropped* volumes; we sample from the prepared
+  profile-shape volumes of chapter 1 (the canonical frame), so that one data path serves all chapters.
+- A restarted code keeps its Adam moment estimates (resetting them would mean reaching into the
+  optimiser's state for a few rows); the next steps overwrite them quickly.
+
+Hand-written where a library has one: the vector quantiser. MONAI's
+``monai.networks.layers.vector_quantizer.EMAQuantizer`` learns its codebook by exponential moving
+averages and has no codebook loss term, while the paper trains the codebook by gradient with the
+loss ``0.1 · codebook loss`` (the unleashing-transformers quantiser). Reproducing the paper needs the
+gradient form, and the dead-code restart needs access to the usage counts, so we write the ~40 lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import AutoEncoder
+from torch import nn
+
+from regdiff_core.config import Profile, VQAEConfig
+from regdiff_core.training import load_weights
+
+#: Architecture fields: a saved model must match the profile in these to be loadable.
+_ARCH_FIELDS = ("spatial_dims", "channels", "strides", "codebook_size", "embed_dim")
+
+
+# --------------------------------------------------------------------------------------------------
+# The vector quantiser
+# --------------------------------------------------------------------------------------------------
+
+
+class QuantiserOutput(NamedTuple):
+    """``z_q``: (B, C, *grid) quantised features (straight-through); ``loss``: scalar codebook loss;
+    ``indices``: (B, *grid) long, the nearest code of each position."""
+
+    z_q: torch.Tensor
+    loss: torch.Tensor
+    indices: torch.Tensor
+
+
+class CodebookStats(NamedTuple):
+    """Usage over a window of training steps: ``used`` codes with at least one assignment, and the
+    ``perplexity`` exp(H(p)) of the assignment frequencies p (1 = one code, ``codebook_size`` = uniform)."""
+
+    used: int
+    perplexity: float
+
+
+def codebook_stats(counts: torch.Tensor) -> CodebookStats:
+    """:class:`CodebookStats` from assignment ``counts`` (K,) per code; NaN perplexity when all are 0."""
+    counts = counts.double()
+    total = float(counts.sum())
+    if total == 0:
+        return CodebookStats(0, float("nan"))
+    p = counts[counts > 0] / total
+    # perplexity = exp(H(p)) = exp(−Σ_k p_k log p_k)
+    return CodebookStats(int((counts > 0).sum()), float((-(p * p.log()).sum()).exp()))
+
+
+def token_stats(tokens: torch.Tensor, codebook_size: int) -> CodebookStats:
+    """:class:`CodebookStats` of a tensor of tokens (any shape)."""
+    return codebook_stats(torch.bincount(tokens.flatten().cpu(), minlength=codebook_size))
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code vector quantiser with straight-through gradients (van den Oord et al. 2017).
+
+    ``codebook``: ``codebook_size`` × ``embed_dim``, initialised U(−1/K, 1/K) as in the seed.
+
+    Loss, as in the seed (taming-/unleashing-transformers' *legacy* form, ``legacy_beta=True``)::
+
+        L = ||sg[e] − z_e||² + β · ||e − sg[z_e]||²
+
+    i.e. β weights the codebook term; van den Oord's form (``legacy_beta=False``) puts β on the
+    commitment term instead: ``||sg[z_e] − e||² + β · ||z_e − sg[e]||²``.
+
+    For codebook health it keeps, as buffers (so they survive checkpoints and resume exactly):
+    ``usage`` — assignments per code since the last :meth:`reset_usage`; ``recent`` — a ring buffer
+    of ``codebook_size`` recent encoder outputs, from which :meth:`restart_dead_codes` draws.
+    """
+
+    def __init__(
+        self, codebook_size: int, embed_dim: int, beta: float = 0.25, legacy_beta: bool = True
+    ) -> None:
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.embed_dim = embed_dim
+        self.beta = beta
+        self.legacy_beta = legacy_beta
+        self.embedding = nn.Embedding(codebook_size, embed_dim)
+        self.embedding.weight.data.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+        self.register_buffer("usage", torch.zeros(codebook_size, dtype=torch.float64))
+        self.register_buffer("recent", torch.zeros(codebook_size, embed_dim))
+        self.register_buffer("recent_filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("recent_next", torch.zeros((), dtype=torch.long))
+
+    def nearest(self, z_flat: torch.Tensor) -> torch.Tensor:
+        """(N, C) features → (N,) index of the nearest code (Euclidean), computed in fp32."""
+        e = self.embedding.weight.float()
+        z_flat = z_flat.float()
+        # ||z − e||² = ||z||² + ||e||² − 2 z·e
+        d = (z_flat**2).sum(1, keepdim=True) + (e**2).sum(1) - 2 * z_flat @ e.t()
+        return d.argmin(1)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, *grid) long → (B, C, *grid) codebook vectors."""
+        e = self.embedding(indices)  # (B, *grid, C)
+        return e.movedim(-1, 1).contiguous()
+
+    def forward(self, z_e: torch.Tensor) -> QuantiserOutput:
+        """``z_e``: (B, C, *grid) encoder output → :class:`QuantiserOutput`. Records usage when training."""
+        if z_e.shape[1] != self.embed_dim:
+            raise ValueError(
+                f"quantiser expects {self.embed_dim} channels, got z_e of shape {tuple(z_e.shape)}"
+            )
+        with torch.autocast(device_type=z_e.device.type, enabled=False):
+            z = z_e.float().movedim(1, -1)  # (B, *grid, C)
+            z_flat = z.reshape(-1, self.embed_dim)
+            indices = self.nearest(z_flat)
+            e = self.embedding(indices).view_as(z)
+            if self.legacy_beta:
+                # L = ||sg[e] − z_e||² + β ||e − sg[z_e]||²   (the seed)
+                loss = ((e.detach() - z) ** 2).mean() + self.beta * ((e - z.detach()) ** 2).mean()
+            else:
+                # L = ||sg[z_e] − e||² + β ||z_e − sg[e]||²   (van den Oord et al.)
+                loss = ((z.detach() - e) ** 2).mean() + self.beta * ((z - e.detach()) ** 2).mean()
+            # straight-through: forward value e, gradient of z_e (dz_q/dz_e = identity)
+            z_q = z + (e - z).detach()
+        if self.training:
+            self._record(z_flat.detach(), indices)
+        return QuantiserOutput(z_q.movedim(-1, 1).contiguous(), loss, indices.view(z.shape[:-1]))
+
+    @torch.no_grad()
+    def _record(self, z_flat: torch.Tensor, indices: torch.Tensor) -> None:
+        self.usage += torch.bincount(indices, minlength=self.codebook_size).to(self.usage)
+        # keep up to K random encoder outputs of this batch in the ring buffer
+        k = min(self.codebook_size, z_flat.shape[0])
+        pick = z_flat[torch.randperm(z_flat.shape[0], device=z_flat.device)[:k]]
+        slots = (self.recent_next + torch.arange(k, device=pick.device)) % self.codebook_size
+        self.recent[slots] = pick.to(self.recent)
+        self.recent_next.copy_((self.recent_next + k) % self.codebook_size)
+        self.recent_filled.copy_(torch.clamp(self.recent_filled + k, max=self.codebook_size))
+
+    def stats(self) -> CodebookStats:
+        """Codes used and perplexity of the assignments recorded since the last :meth:`reset_usage`."""
+        return codebook_stats(self.usage)
+
+    def reset_usage(self) -> None:
+        self.usage.zero_()
+
+    @torch.no_grad()
+    def restart_dead_codes(self) -> int:
+        """Replace every code unused since the last :meth:`reset_usage` by a random recent encoder output.
+
+        Returns the number of codes restarted (0 if none were dead or nothing was recorded yet).
+        Draws from torch's global RNG, so a resumed run repeats the same choices.
+        """
+        dead = (self.usage == 0).nonzero().flatten()
+        n_recent = int(self.recent_filled)
+        if len(dead) == 0 or n_recent == 0 or float(self.usage.sum()) == 0:
+            return 0
+        pick = torch.randint(0, n_recent, (len(dead),), device=self.recent.device)
+        self.embedding.weight.data[dead] = self.recent[pick].to(self.embedding.weight)
+        return len(dead)
+
+
+# --------------------------------------------------------------------------------------------------
+# The paired VQ-AE
+# --------------------------------------------------------------------------------------------------
+
+
+class VQAEOutput(NamedTuple):
+    """``logits``: (B, 4, *shape); ``codebook_loss``: scalar; ``tokens``: (B, *grid) long."""
+
+    logits: torch.Tensor
+    codebook_loss: torch.Tensor
+    tokens: torch.Tensor
+
+
+class PairedVQAE(nn.Module):
+    """MONAI ``AutoEncoder`` (2 → 4 channels) with a :class:`VectorQuantizer` at its bottleneck.
+
+    ``codebook_size``: number of tokens K; ``downsampling``: volume voxels per token along each axis.
+    """
+
+    def __init__(self, cfg: VQAEConfig) -> None:
+        super().__init__()
+        if cfg.embed_dim != cfg.channels[-1]:
+            raise ValueError(
+                f"embed_dim {cfg.embed_dim} must equal the last channel count {cfg.channels[-1]}"
+            )
+        self.cfg = cfg
+        self.spatial_dims = cfg.spatial_dims
+        self.codebook_size = cfg.codebook_size
+        self.downsampling = math.prod(cfg.strides)
+        self.autoencoder = AutoEncoder(
+            spatial_dims=cfg.spatial_dims,
+            in_channels=2,
+            out_channels=4,
+            channels=cfg.channels,
+            strides=cfg.strides,
+        )
+        self.quantiser = VectorQuantizer(cfg.codebook_size, cfg.embed_dim, cfg.beta, cfg.legacy_beta)
+
+    def grid_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Volume shape (H, W, D) → token grid (h, w, d); every axis must divide by ``downsampling``."""
+        if len(shape) != self.spatial_dims or any(s % self.downsampling for s in shape):
+            raise ValueError(
+                f"volume shape {tuple(shape)} must have {self.spatial_dims} axes, each divisible by "
+                f"{self.downsampling} (the product of the VQ-AE strides)"
+            )
+        return tuple(s // self.downsampling for s in shape)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != self.spatial_dims + 2 or x.shape[1] != 2:
+            raise ValueError(
+                f"expected x of shape (B, 2, *spatial) with {self.spatial_dims} axes, got {tuple(x.shape)}"
+            )
+        self.grid_shape(tuple(x.shape[2:]))
+
+    def forward(self, x: torch.Tensor) -> VQAEOutput:
+        """``x``: (B, 2, *shape) float → logits, codebook loss and tokens (gradients flow straight through)."""
+        self._check_input(x)
+        z_e = self.autoencoder.encode(x if x.is_floating_point() else x.float())
+        q = self.quantiser(z_e)
+        logits = self.autoencoder.decode(q.z_q)
+        return VQAEOutput(logits, q.loss, q.indices)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (B, 2, H, W, D) float in [0, 1] → tokens (B, h, w, d) long, on ``x``'s device."""
+        self._check_input(x)
+        z_e = self.autoencoder.encode(x if x.is_floating_point() else x.float())
+        z_flat = z_e.float().movedim(1, -1).reshape(-1, z_e.shape[1])
+        return self.quantiser.nearest(z_flat).view(z_e.shape[0], *z_e.shape[2:])
+
+    def decode_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens``: (B, h, w, d) long → logits (B, 4, H, W, D)."""
+        if tokens.ndim != self.spatial_dims + 1:
+            raise ValueError(
+                f"expected tokens of shape (B, *grid) with {self.spatial_dims} axes, got {tuple(tokens.shape)}"
+            )
+        if tokens.min() < 0 or tokens.max() >= self.codebook_size:
+            raise ValueError(
+                f"tokens must lie in [0, {self.codebook_size}); got [{int(tokens.min())}, {int(tokens.max())}]"
+            )
+        return self.autoencoder.decode(self.quantiser.lookup(tokens.long()))
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens``: (B, h, w, d) long → vessel probabilities (B, 2, H, W, D) float32, channels (fixed, moving)."""
+        return vessel_probabilities(self.decode_logits(tokens))
+
+
+def vessel_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """(B, 4, *shape) logits of two 2-class heads → (B, 2, *shape) P(vessel) of fixed and moving, fp32."""
+    logits = logits.float()
+    # p_vessel = softmax over (background, vessel) of each head, second entry
+    p_fixed = logits[:, 0:2].softmax(1)[:, 1]
+    p_moving = logits[:, 2:4].softmax(1)[:, 1]
+    return torch.stack((p_fixed, p_moving), 1)
+
+
+def build_vqae(cfg: VQAEConfig) -> PairedVQAE:
+    """A freshly initialised :class:`PairedVQAE` for a profile's ``vqae`` config."""
+    return PairedVQAE(cfg)
+
+
+def model_path(work_dir: str | Path) -> Path:
+    return Path(work_dir) / "vqae" / "model.pt"
+
+
+def tokens_path(work_dir: str | Path) -> Path:
+    return Path(work_dir) / "tokens.pt"
+
+
+def load_vqae(profile: Profile, work_dir: str | Path, device: torch.device | str = "cpu") -> PairedVQAE:
+    """The trained VQ-AE from ``work_dir/vqae/model.pt`` on ``device``, in eval mode."""
+    path = model_path(work_dir)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no trained VQ-AE at {path}: run chapter 2 (notebooks/02_vqae.ipynb) or "
+            f"`python -m regdiff_core train-vqae --profile {profile.name}` first"
+        )
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = profile.vqae
+    stored = saved.get("config", {})
+    mismatch = {
+        f: (stored.get(f), getattr(cfg, f))
+        for f in _ARCH_FIELDS
+        if f in stored and _as_tuple(stored[f]) != _as_tuple(getattr(cfg, f))
+    }
+    if mismatch:
+        raise ValueError(
+            f"{path} was trained with a different VQ-AE ({mismatch}, saved vs profile "
+            f"{profile.name!r}); retrain with `train-vqae --profile {profile.name}`"
+        )
+    model = build_vqae(cfg)
+    load_weights(model, saved, key="model")
+    return model.to(device).eval()
+
+
+def _as_tuple(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list | tuple) else v
+
+
+class Tokens(NamedTuple):
+    """Token grids of the training pairs. ``tokens``: (N, h, w, d) long; ``grid``: (h, w, d)."""
+
+    tokens: torch.Tensor
+    cases: list[str]
+    grid: tuple[int, ...]
+    codebook_size: int
+
+
+def save_tokens(tokens: Tokens, work_dir: str | Path) -> Path:
+    """Write ``work_dir/tokens.pt`` (a dict with the fields of :class:`Tokens`) atomically."""
+    from regdiff_core.utils import atomic_torch_save
+
+    return atomic_torch_save(
+        {
+            "tokens": tokens.tokens.long().cpu(),
+            "cases": list(tokens.cases),
+            "grid": tuple(tokens.grid),
+            "codebook_size": int(tokens.codebook_size),
+        },
+        tokens_path(work_dir),
+    )
+
+
+def load_tokens(work_dir: str | Path) -> Tokens:
+    """The token grids saved by chapter 2 (``work_dir/tokens.pt``)."""
+    path = tokens_path(work_dir)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no tokens at {path}: run chapter 2 (notebooks/02_vqae.ipynb) or "
+            "`python -m regdiff_core encode --profile <profile>` first"
+        )
+    d = torch.load(path, map_location="cpu", weights_only=True)
+    return Tokens(d["tokens"].long(), list(d["cases"]), tuple(d["grid"]), int(d["codebook_size"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+def sample_patches(volumes: torch.Tensor, batch_size: int, patch_size: int) -> torch.Tensor:
+    """Random cubes of the same place in fixed and moving: ``volumes`` (N, 2, *shape) → (B, 2, p, …, p).
+
+    Each sample picks a pair and a corner uniformly (torch's global RNG); ``p`` is clipped to each axis.
+    Returns the dtype of ``volumes``, on its device.
+    """
+    n, shape = volumes.shape[0], volumes.shape[2:]
+    size = [min(patch_size, s) for s in shape]
+    idx = torch.randint(0, n, (batch_size,))
+    out = []
+    for i in idx.tolist():
+        corner = [int(torch.randint(0, s - p + 1, (1,))) for s, p in zip(shape, size)]
+        region = tuple(slice(c, c + p) for c, p in zip(corner, size))
+        out.append(volumes[(i, slice(None), *region)])
+    return torch.stack(out)
+
+
+def random_affine(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Resample ``x`` (B, C, *shape) with a random affine map per sample, nearest neighbour, zero padding.
+
+    The map is ``A = [I | 0] + ε`` with ε ~ N(0, σ²) on every entry of the d×(d+1) matrix (normalised
+    coordinates, as the seed). The noise is drawn on the CPU (global RNG), so CPU and GPU runs agree.
+    """
+    b, d = x.shape[0], x.ndim - 2
+    # A = [I | 0] + σ·N(0, 1)
+    theta = torch.eye(d, d + 1).unsqueeze(0) + sigma * torch.randn(b, d, d + 1)
+    grid = F.affine_grid(theta.to(x.device, torch.float32), list(x.shape), align_corners=False)
+    return F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def paired_cross_entropy(logits: torch.Tensor, x: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+    """½·CE(fixed) + ½·CE(moving) with class weights; ``logits`` (B, 4, *s), ``x`` (B, 2, *s) in {0, 1}."""
+    target = (x > 0.5).long()
+    # L = ½ CE(logits[:, 0:2], x_fixed) + ½ CE(logits[:, 2:4], x_moving)
+    return 0.5 * F.cross_entropy(
+        logits[:, 0:2].float(), target[:, 0], weight=class_weights
+    ) + 0.5 * F.cross_entropy(logits[:, 2:4].float(), target[:, 1], weight=class_weights)
+
+
+def dice(pred: torch.Tensor, target: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Dice = 2|P∩T| / (|P| + |T|) of binary masks, reduced over ``dims`` (default: all); 1 if both are empty."""
+    pred, target = pred.bool(), target.bool()
+    dims = dims if dims is not None else tuple(range(pred.ndim))
+    inter = (pred & target).sum(dims).double()
+    total = pred.sum(dims).double() + target.sum(dims).double()
+    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total)).float()
+
+
+@dataclasses.dataclass
+class VQAETrainResult:
+    """``history``: one dict per step (loss, ce, codebook_loss, dice, lr; on logging steps also
+    codebook_used, perplexity, restarted); ``params``: parameters of the AutoEncoder alone."""
+
+    model: PairedVQAE
+    history: list[dict[str, float]]
+    seconds: float
+    resumed_from: int | None
+    params: int
+    out_dir: Path | None
+
+
+def train_vqae(
+    model: PairedVQAE,
+    volumes: torch.Tensor,
+    cfg: VQAEConfig,
+    device: torch.device,
+    *,
+    out_dir: str | Path | None = None,
+    iterations: int | None = None,
+    progress: bool = True,
+) -> VQAETrainResult:
+    """Train ``model`` on random patches of ``volumes`` (N, 2, *shape), {0,1}, kept on the CPU.
+
+    Adam(lr) with CosineAnnealingWarmRestarts(T_0 = ⌈iterations / restart_divisor⌉, T_mult = 2),
+    stepped every iteration; fp16 autocast + gradient scaling on CUDA when ``cfg.amp``.
+    Every ``cfg.log_every`` steps: codebook usage and perplexity over the window, and (if
+    ``cfg.dead_code_restart``) dead codes are re-initialised from recent encoder outputs.
+    With ``out_dir``, checkpoints (``ckpt.pt``) and ``history.csv`` go there and an existing
+    checkpoint is resumed. Seed torch before calling for a repeatable run.
+    """
+    from regdiff_core.training import train_loop
+    from regdiff_core.utils import autocast, count_parameters
+
+    iterations = cfg.iterations if iterations is None else iterations
+    model = model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # T_0 = ⌈iterations / 7⌉ (the seed's iterations // 7 when that divides): with T_mult = 2 the cycles
+    # of T_0, 2·T_0 and 4·T_0 steps end at or just after the last step, not just before it
+    t_0 = max(1, math.ceil(iterations / cfg.restart_divisor))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=t_0, T_mult=2)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    class_weights = torch.tensor(cfg.class_weights, dtype=torch.float32, device=device)
+
+    def step_fn(step: int) -> dict[str, float]:
+        x = sample_patches(volumes, cfg.batch_size, cfg.patch_size)
+        with torch.no_grad():
+            x = random_affine(x.to(device), cfg.affine_sigma)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, use_amp):
+            out = model(x)
+            ce = paired_cross_entropy(out.logits, x, class_weights)
+            # L = ½CE(fixed) + ½CE(moving) + 0.1 · L_codebook
+            loss = ce + cfg.codebook_weight * out.codebook_loss
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        with torch.no_grad():
+            pred = torch.stack((out.logits[:, 0:2].argmax(1), out.logits[:, 2:4].argmax(1)), 1)
+            d = dice(pred, x > 0.5, dims=(0, *range(2, x.ndim)))  # per channel over the batch
+        row = {
+            "loss": loss.item(),
+            "ce": ce.item(),
+            "codebook_loss": out.codebook_loss.item(),
+            "dice": float(d.mean()),
+            "lr": lr,
+        }
+        if step % cfg.log_every == 0 or step == iterations:
+            stats = model.quantiser.stats()
+            row["codebook_used"], row["perplexity"] = stats.used, stats.perplexity
+            row["restarted"] = model.quantiser.restart_dead_codes() if cfg.dead_code_restart else 0
+            model.quantiser.reset_usage()
+        return row
+
+    out_dir = Path(out_dir) if out_dir is not None else None
+    result = train_loop(
+        step_fn,
+        {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler},
+        iterations,
+        ckpt_path=out_dir / "ckpt.pt" if out_dir else None,
+        ckpt_every=cfg.ckpt_every,
+        log_every=cfg.log_every,
+        history_csv=out_dir / "history.csv" if out_dir else None,
+        desc="vqae",
+        progress=progress,
+    )
+    model.eval()
+    return VQAETrainResult(
+        model,
+        result.history,
+        result.seconds,
+        result.resumed_from,
+        count_parameters(model.autoencoder),
+        out_dir,
+    )
+
+
+def save_vqae(model: PairedVQAE, path: str | Path) -> Path:
+    """Write the weights and the config they were built with (``{"state": {"model": …}, "config": …}``)."""
+    from regdiff_core.utils import atomic_torch_save
+
+    return atomic_torch_save(
+        {"state": {"model": model.state_dict()}, "config": dataclasses.asdict(model.cfg)}, Path(path)
+    )
+
+
+def train(
+    profile: Profile,
+    work_dir: str | Path,
+    device: torch.device | str = "auto",
+    seed: int = 0,
+    *,
+    dead_code_restart: bool | None = None,
+    iterations: int | None = None,
+    run_name: str = "vqae",
+    progress: bool = True,
+) -> VQAETrainResult:
+    """Train the profile's VQ-AE on chapter 1's training pairs; write ``work_dir/<run_name>/model.pt``.
+
+    ``run_name="vqae"`` is the model later chapters load; other names keep side runs (the notebook's
+    comparison with/without dead-code restarts) apart. ``dead_code_restart`` / ``iterations``
+    override the profile for this run. Resumes from ``work_dir/<run_name>/ckpt.pt`` if present.
+    """
+    from regdiff_core.data import load_pairs
+    from regdiff_core.utils import resolve_device, seed_everything
+
+    device = resolve_device(device)
+    cfg = profile.vqae
+    if dead_code_restart is not None:
+        cfg = dataclasses.replace(cfg, dead_code_restart=dead_code_restart)
+    if iterations is not None:
+        cfg = dataclasses.replace(cfg, iterations=iterations)
+    pairs = load_pairs(profile, work_dir, "train")
+    volumes = pairs.volumes(dtype=torch.uint8)
+    seed_everything(seed)
+    model = build_vqae(cfg)
+    out_dir = Path(work_dir) / run_name
+    result = train_vqae(model, volumes, cfg, device, out_dir=out_dir, progress=progress)
+    save_vqae(result.model, out_dir / "model.pt")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole volumes: encode, reconstruct, judge
+# --------------------------------------------------------------------------------------------------
+
+
+def _batches(volumes: torch.Tensor, batch_size: int):
+    for start in range(0, volumes.shape[0], batch_size):
+        yield volumes[start : start + batch_size]
+
+
+@torch.no_grad()
+def encode_volumes(
+    model: PairedVQAE, volumes: torch.Tensor, device: torch.device, batch_size: int = 2, amp: bool = True
+) -> torch.Tensor:
+    """(N, 2, *shape) volumes (any device/dtype) → (N, *grid) long tokens on the CPU, ``batch_size`` at a time."""
+    from regdiff_core.utils import autocast
+
+    model = model.to(device).eval()
+    out = []
+    for x in _batches(volumes, batch_size):
+        with autocast(device, amp):
+            out.append(model.encode(x.to(device).float()).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_tokens(
+    model: PairedVQAE, tokens: torch.Tensor, device: torch.device, batch_size: int = 2, amp: bool = True
+) -> torch.Tensor:
+    """(N, *grid) tokens → (N, 2, *shape) vessel probabilities, float32 on the CPU."""
+    from regdiff_core.utils import autocast
+
+    model = model.to(device).eval()
+    out = []
+    for t in _batches(tokens, batch_size):
+        with autocast(device, amp):
+            out.append(vessel_probabilities(model.decode_logits(t.to(device))).cpu())
+    return torch.cat(out)
+
+
+class Reconstruction(NamedTuple):
+    """``tokens``: (N, *grid); ``probs``: (N, 2, *shape) P(vessel); ``dice``: (N, 2) of fixed and moving
+    at threshold 0.5 against the inputs."""
+
+    tokens: torch.Tensor
+    probs: torch.Tensor
+    dice: torch.Tensor
+
+
+def reconstruct(
+    model: PairedVQAE, volumes: torch.Tensor, device: torch.device, batch_size: int = 2, amp: bool = True
+) -> Reconstruction:
+    """Encode and decode whole volumes (N, 2, *shape) and score the reconstructions by Dice."""
+    tokens = encode_volumes(model, volumes, device, batch_size, amp)
+    probs = decode_tokens(model, tokens, device, batch_size, amp)
+    spatial = tuple(range(2, volumes.ndim))
+    return Reconstruction(tokens, probs, dice(probs > 0.5, volumes > 0.5, dims=spatial))
+
+
+class Baselines(NamedTuple):
+    """Dice (N, 2) of two reconstructions that need no training.
+
+    ``all_vessel``: every voxel called vessel, the best constant guess (all background scores 0);
+    ``pooled``: each channel averaged over the token cells (``downsampling``³ voxels) and upsampled
+    back by nearest neighbour, threshold 0.5 — the token grid's resolution with a *continuous* value
+    per cell and channel instead of one shared discrete code.
+    """
+
+    all_vessel: torch.Tensor
+    pooled: torch.Tensor
+
+
+def baseline_dice(volumes: torch.Tensor, downsampling: int) -> Baselines:
+    """Dice of the :class:`Baselines` for volumes (N, 2, *shape) in {0, 1}."""
+    x = volumes.float()
+    spatial = tuple(range(2, x.ndim))
+    pool = F.avg_pool3d if x.ndim == 5 else F.avg_pool2d
+    pooled = F.interpolate(pool(x, downsampling), scale_factor=downsampling, mode="nearest")
+    return Baselines(
+        all_vessel=dice(torch.ones_like(x, dtype=torch.bool), x > 0.5, dims=spatial),
+        pooled=dice(pooled > 0.5, x > 0.5, dims=spatial),
+    )
+
+
+def encode_pairs(
+    profile: Profile,
+    work_dir: str | Path,
+    device: torch.device | str = "auto",
+    split: str = "train",
+    model: PairedVQAE | None = None,
+) -> Tokens:
+    """Encode every pair of ``split`` with the trained VQ-AE and save ``work_dir/tokens.pt``."""
+    from regdiff_core.data import load_pairs
+    from regdiff_core.utils import resolve_device
+
+    device = resolve_device(device)
+    model = model if model is not None else load_vqae(profile, work_dir, device)
+    pairs = load_pairs(profile, work_dir, split)
+    tokens = encode_volumes(model, pairs.volumes(dtype=torch.uint8), device, amp=profile.vqae.amp)
+    result = Tokens(tokens, list(pairs.cases), tuple(tokens.shape[1:]), model.codebook_size)
+    save_tokens(result, work_dir)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures (used by the notebook)
+# --------------------------------------------------------------------------------------------------
+
+
+def plot_history(history: list[dict[str, float]], title: str = "VQ-AE training", axes=None):
+    """Loss, training Dice and codebook perplexity against the step. Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    fig = axes[0].figure
+    steps = [h["step"] for h in history]
+    axes[0].plot(steps, [h["loss"] for h in history], lw=0.8)
+    axes[0].set(xlabel="step", ylabel="loss", title="loss (CE + 0.1·codebook)", yscale="log")
+    axes[1].plot(steps, [h["dice"] for h in history], lw=0.8)
+    axes[1].set(xlabel="step", ylabel="Dice", title="training-patch Dice", ylim=(0, 1))
+    logged = [h for h in history if "perplexity" in h]
+    axes[2].plot([h["step"] for h in logged], [h["perplexity"] for h in logged], marker=".")
+    axes[2].set(xlabel="step", ylabel="perplexity", title="codebook perplexity per window")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def central_slab(size: int, fraction: float = 1 / 8) -> tuple[int, int]:
+    """``[start, stop)`` of a slab ``fraction`` of ``size`` thick (at least 1) around the middle of an axis."""
+    half = max(1, round(size * fraction / 2))
+    return size // 2 - half, size // 2 + half
+
+
+def plot_reconstructions(
+    inputs: torch.Tensor,
+    probs: torch.Tensor,
+    cases: list[str],
+    dice_scores=None,
+    n: int = 3,
+    axis: int = 1,
+    slab: tuple[int, int] | None = None,
+):
+    """Input pairs (top) above their reconstructions P(vessel) > 0.5 (bottom): maximum-intensity
+    projections along ``axis`` over ``slab`` (default: the central eighth; a thin slab shows single
+    vessels, the whole volume only the lung's outline), fixed blue and moving orange as in the paper.
+    Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    from regdiff_core.data import plot_mip_overlay
+
+    n = min(n, inputs.shape[0])
+    slab = slab if slab is not None else central_slab(inputs.shape[2 + axis])
+    fig, axes = plt.subplots(2, n, figsize=(3.4 * n, 6.4), squeeze=False)
+    for i in range(n):
+        x, recon = inputs[i], (probs[i] > 0.5).float()
+        plot_mip_overlay(x[0], x[1], axis=axis, slab=slab, ax=axes[0, i], title=f"case {cases[i]}: input")
+        score = "" if dice_scores is None else f" (Dice {float(dice_scores[i].mean()):.2f})"
+        plot_mip_overlay(
+            recon[0], recon[1], axis=axis, slab=slab, ax=axes[1, i], title=f"reconstruction{score}"
+        )
+    fig.suptitle(f"maximum projection over slab {slab[0]}–{slab[1]} of axis {axis}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_codebook_usage(tokens: torch.Tensor, codebook_size: int, ax=None):
+    """Histogram of how often each code occurs in ``tokens``, codes sorted by frequency. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3))
+    counts = torch.bincount(tokens.flatten(), minlength=codebook_size).sort(descending=True).values
+    ax.bar(range(codebook_size), counts.numpy(), width=1.0)
+    ax.set(yscale="log", xlabel="code (sorted by frequency)", ylabel="occurrences")
+    used = int((counts > 0).sum())
+    ax.set_title(f"{used} of {codebook_size} codes occur in {tokens.numel()} tokens")
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI and GPU check
+# --------------------------------------------------------------------------------------------------
+
+
+def register_cli(subparsers, common) -> None:
+    p = subparsers.add_parser("train-vqae", parents=[common], help="chapter 2: train the paired VQ-AE")
+    p.set_defaults(func=_cli_train)
+    p = subparsers.add_parser(
+        "encode", parents=[common], help="chapter 2: encode the training pairs to tokens"
+    )
+    p.add_argument("--split", default="train", choices=("train", "test"), help="which prepared pairs (train)")
+    p.set_defaults(func=_cli_encode)
+
+
+def _cli_train(args, profile: Profile) -> int:
+    from regdiff_core.data import load_pairs
+    from regdiff_core.utils import resolve_device
+
+    device = resolve_device(args.device)
+    result = train(profile, args.work_dir, device, args.seed)
+    test = load_pairs(profile, args.work_dir, "test")
+    rec = reconstruct(result.model, test.volumes(dtype=torch.uint8), device, amp=profile.vqae.amp)
+    last = [h for h in result.history if "perplexity" in h][-1]
+    print(
+        f"train-vqae: {len(result.history)} steps, {result.params} AutoEncoder parameters; "
+        f"test Dice {float(rec.dice.mean()):.3f}; codes used {int(last['codebook_used'])}/"
+        f"{profile.vqae.codebook_size}, perplexity {last['perplexity']:.1f}; "
+        f"model → {model_path(args.work_dir)}"
+    )
+    return 0
+
+
+def _cli_encode(args, profile: Profile) -> int:
+    tokens = encode_pairs(profile, args.work_dir, args.device, split=args.split)
+    print(
+        f"encode: {len(tokens.cases)} pairs → tokens {tuple(tokens.tokens.shape)}, grid {tokens.grid}, "
+        f"{int(tokens.tokens.unique().numel())} distinct codes → {tokens_path(args.work_dir)}"
+    )
+    return 0
+
+
+def gpu_benchmark(device: torch.device, small: bool = False) -> dict:
+    """Paper-size AutoEncoder + quantiser forward+backward on 128³ patches, batch 2 and 8, fp16 and bf16.
+
+    Returns iterations per second and peak memory (GB, CUDA only) per setting; ``small=True``: toy sizes.
+    The seed reports ≈4.5 GB of GPU memory per sample at 128³.
+    """
+    import time
+
+    from regdiff_core.config import PROFILES
+    from regdiff_core.utils import autocast
+
+    cfg = PROFILES["paper"].vqae
+    patch, batches, warmup, timed = cfg.patch_size, (2, 8), 2, 5
+    if small:
+        cfg = dataclasses.replace(cfg, channels=(4, 8), strides=(2, 2), codebook_size=16, embed_dim=8)
+        patch, batches, warmup, timed = 16, (2,), 1, 1
+    model = build_vqae(cfg).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    weights = torch.tensor(cfg.class_weights, device=device)
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16} if device.type == "cuda" else {"fp32": None}
+    results: dict[str, Any] = {
+        "patch": patch,
+        "params_autoencoder": sum(p.numel() for p in model.autoencoder.parameters()),
+    }
+    for name, dtype in dtypes.items():
+        for b in batches:
+            x = (torch.rand(b, 2, *(patch,) * cfg.spatial_dims, device=device) > 0.9).float()
+            scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            key = f"{name}_batch{b}"
+            try:
+                for i in range(warmup + timed):
+                    if i == warmup:
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        t0 = time.perf_counter()
+                    optimizer.zero_grad(set_to_none=True)
+                    with autocast(device, dtype is not None, dtype or torch.float16):
+                        out = model(x)
+                        loss = (
+                            paired_cross_entropy(out.logits, x, weights)
+                            + cfg.codebook_weight * out.codebook_loss
+                        )
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds = (time.perf_counter() - t0) / timed
+                peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+                results[key] = {
+                    "it_per_s": round(1 / seconds, 3),
+                    "samples_per_s": round(b / seconds, 3),
+                    "peak_memory_gb": None if peak is None else round(peak, 2),
+                    "peak_memory_gb_per_sample": None if peak is None else round(peak / b, 2),
+                }
+            except torch.OutOfMemoryError as err:
+                results[key] = {"error": f"out of memory: {err}".splitlines()[0]}
+            del x
+    return results

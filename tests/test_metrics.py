@@ -1,0 +1,231 @@
+"""Chapter 6: every metric on analytic fields, the paper's result files, and evaluation on real ci pairs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from regdiff_core import metrics as M
+from regdiff_core import registration as R
+from regdiff_core.config import ALL_TEST_CASES, BENCHMARK_TEST_CASES, get_profile
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: on a shared 2-core machine two OpenMP threads spin against other
+    processes and ran these tests up to 70× slower than one thread did."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def constant_field(shape, vector):
+    return (
+        torch.tensor(vector, dtype=torch.float32)
+        .view(1, len(shape), *([1] * len(shape)))
+        .expand(1, len(shape), *shape)
+        .clone()
+    )
+
+
+# ---------------------------------------------------------------------------------- TRE
+
+
+def test_sample_field_interpolates_linearly():
+    u = torch.zeros(3, 8, 6, 10)
+    u[2] = torch.arange(10.0)  # u_D(x) = d
+    u[0] = 2 * torch.arange(8.0).view(8, 1, 1)  # u_H(x) = 2h
+    p = torch.tensor([[1.25, 2.0, 3.5], [7.0, 5.0, 0.0], [-3.0, 0.0, 12.0]])
+    out = M.sample_field(u, p)
+    assert torch.allclose(out[:, 2], torch.tensor([3.5, 0.0, 9.0]))  # border value outside
+    assert torch.allclose(out[:, 0], torch.tensor([2.5, 14.0, 0.0]))
+
+
+def test_tre_identity_is_the_landmark_distance_in_mm():
+    f = torch.tensor([[10.0, 20.0, 30.0], [0.0, 0.0, 0.0]])
+    m = torch.tensor([[13.0, 24.0, 30.0], [0.0, 0.0, 2.0]])
+    tre = M.target_registration_error(None, f, m, spacing=(1.0, 1.0, 1.0))
+    assert torch.allclose(tre.initial, torch.tensor([5.0, 2.0], dtype=torch.float64))
+    assert torch.equal(tre.initial, tre.registered)
+    aniso = M.target_registration_error(None, f, m, spacing=(2.0, 1.0, 0.5))
+    assert torch.allclose(aniso.initial, torch.tensor([math.hypot(6, 4), 1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("grid", [(64, 52, 64), (32, 26, 32), (128, 104, 128)])
+def test_tre_of_the_true_translation_is_zero_at_any_resolution(grid):
+    t = torch.tensor([8.0, -4.0, 12.0])  # canonical voxels: fixed = moving + t
+    m = torch.tensor([[100.0, 80.0, 90.0], [30.5, 150.0, 200.25]])
+    f = m + t
+    per_voxel = [s / S for s, S in zip(grid, (256, 208, 256))]
+    phi = constant_field(grid, [float(t[i]) * per_voxel[i] for i in range(3)])[0]
+    tre = M.target_registration_error(phi, f, m, spacing=(1.0, 1.0, 1.0))
+    assert tre.registered.max() < 1e-5
+    assert torch.allclose(tre.initial, t.norm().double().expand(2))
+    # half the translation leaves half the error
+    half = M.target_registration_error(phi / 2, f, m, spacing=(1.0, 1.0, 1.0))
+    assert torch.allclose(half.registered, (t / 2).norm().double().expand(2), atol=1e-5)
+
+
+def test_initial_tre_matches_the_paper_csv(mirror_dir):
+    from regdiff_core.data import load_landmarks
+
+    lms = load_landmarks(get_profile("ci"), mirror_dir.parent, ALL_TEST_CASES)
+    initial = torch.cat(
+        [M.target_registration_error(None, f, m, (1.0, 1.0, 1.0)).initial for f, m in
+         zip(lms.canonical_fixed, lms.canonical_moving)]
+    )  # fmt: skip
+    csv = np.loadtxt(mirror_dir / "regnets_state_synth.csv", delimiter=",")
+    assert initial.shape == (4590,)
+    assert np.abs(initial.numpy() - csv[:, 0]).max() < 1e-4
+
+
+# ---------------------------------------------------------------------------------- Dice, Jacobian, IC
+
+
+def test_dice_by_hand():
+    a = torch.zeros(10, 10, 10)
+    b = torch.zeros(10, 10, 10)
+    a[:4] = 1  # 400 voxels
+    b[2:8] = 1  # 600 voxels, 200 shared
+    assert math.isclose(M.dice(a, b), 2 * 200 / 1000)
+    assert M.dice(a, a) == 1.0
+    assert M.dice(torch.zeros(3, 3), torch.zeros(3, 3)) == 1.0
+    assert M.dice(a * 0.4, a) == 0.0  # probabilities are thresholded at ½
+
+
+def test_jacobian_of_a_linear_map_is_exact():
+    shape = (10, 12, 8)
+    L = torch.tensor([[0.1, 0.2, 0.0], [-0.3, 0.05, 0.1], [0.0, 0.4, -0.2]])
+    coords = torch.stack(torch.meshgrid(*[torch.arange(float(s)) for s in shape], indexing="ij"))
+    u = torch.einsum("ij,j...->i...", L, coords).unsqueeze(0)  # u(x) = L x
+    det = M.jacobian_determinant(u)
+    expected = torch.linalg.det(torch.eye(3) + L)
+    assert torch.allclose(det, expected.expand_as(det), atol=1e-5)
+    stats = M.jacobian_stats(u)
+    assert stats.folding_percent == 0.0 and stats.sdlogj < 1e-5
+
+
+def test_folding_percent_and_sdlogj_by_hand():
+    H, W = 8, 10
+    # u_H = a(w)·h with a = −2 on the left half and +1 on the right: det = 1 + a = −1 | 2
+    a = torch.where(torch.arange(W) < W // 2, -2.0, 1.0)
+    u = torch.zeros(1, 2, H, W)
+    u[0, 0] = torch.arange(float(H)).view(H, 1) * a
+    det = M.jacobian_determinant(u)
+    assert torch.allclose(det, (1 + a).expand(1, H, W))
+    stats = M.jacobian_stats(u)
+    assert stats.folding_percent == 50.0
+    logs = np.array([math.log(1e-9)] * (H * W // 2) + [math.log(2.0)] * (H * W // 2))
+    assert math.isclose(stats.sdlogj, logs.std(ddof=1), rel_tol=1e-6)
+
+
+def test_inverse_consistency_error_by_hand():
+    shape = (12, 10, 14)
+    t = constant_field(shape, [2.0, 0.0, -1.0])
+    assert M.inverse_consistency_error(t, -t) < 1e-6
+    # φ_BA = −t/2 leaves half the translation: |t/2| = √5 / 2 voxels, in mm × spacing
+    assert math.isclose(M.inverse_consistency_error(t, -t / 2), math.sqrt(5) / 2, rel_tol=1e-5)
+    assert math.isclose(M.inverse_consistency_error(t, -t / 2, (2.0, 1.0, 2.0)), math.sqrt(5), rel_tol=1e-5)
+
+
+def test_inverse_consistency_error_of_an_exponential_pair_is_small():
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.randn(1, 3, 4, 4, 4, generator=g)
+    v = torch.nn.functional.interpolate(coarse, size=(24, 24, 24), mode="trilinear") * 2
+    exact = M.inverse_consistency_error(R.exp_velocity(v), R.exp_velocity(-v))
+    wrong = M.inverse_consistency_error(R.exp_velocity(v), R.exp_velocity(-v / 2))
+    assert exact < 0.05 * wrong and wrong > 0.5
+
+
+# ---------------------------------------------------------------------------------- paper results
+
+
+def test_paper_results_are_read_from_the_csvs(mirror_dir):
+    from regdiff_core.data import load_landmarks
+
+    lms = load_landmarks(get_profile("ci"), mirror_dir.parent, ALL_TEST_CASES)
+    paper = M.paper_results(mirror_dir.parent, [len(f) for f in lms.canonical_fixed])
+    # the paper's published means (PAPER.md): 15.42 → 4.01 / 2.76, 10.98 / 3.45, 7.27 / 2.92
+    assert round(paper.mean(paper.initial), 2) == 15.42
+    regimes = ("real_all", "real_few", "synthetic")
+    assert [round(paper.mean(paper.net[k]), 2) for k in regimes] == [4.01, 10.98, 7.27]
+    assert [round(paper.mean(paper.tta[k]), 2) for k in regimes] == [2.76, 3.45, 2.92]
+    # the benchmark split 104–113: 2982 landmarks, initial 16.17, synthetic 7.41 / 2.66
+    keep = [c in BENCHMARK_TEST_CASES for c in paper.case]
+    assert sum(keep) == 2982
+    assert round(paper.mean(paper.initial, BENCHMARK_TEST_CASES), 2) == 16.17
+    assert round(paper.mean(paper.tta["synthetic"], BENCHMARK_TEST_CASES), 2) == 2.66
+
+
+def test_markdown_table_formats_missing_values():
+    text = M.markdown_table([{"a": 1.234, "b": None}, {"a": 2.0, "b": "x"}])
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| 1.23 | — |", "| 2.00 | x |"]
+
+
+# ---------------------------------------------------------------------------------- real ci pairs
+
+
+def test_evaluate_on_real_ci_pairs(prepared_ci, tmp_path):
+    from regdiff_core.cli import main
+    from regdiff_core.data import load_landmarks, load_pairs
+
+    profile = prepared_ci.profile
+    test = load_pairs(profile, prepared_ci.work_dir, "test")
+    lms = load_landmarks(profile, prepared_ci.data_dir, test.cases)
+    out = tmp_path / "identity.json"
+    rc = main(
+        ["evaluate", "--profile", "ci", "--data-dir", str(prepared_ci.data_dir), "--work-dir",
+         str(prepared_ci.work_dir), "--checkpoint", "identity", "--json", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    result = json.loads(out.read_text())
+    rows = result["per_case"]
+    assert [r["case"] for r in rows] == list(test.cases)
+    by_hand = [float((f - m).norm(dim=1).mean()) for f, m in zip(lms.canonical_fixed, lms.canonical_moving)]
+    for row, expected in zip(rows, by_hand):  # identity: TRE = initial distance (spacing ≈ 1 mm ± 0.3 %)
+        assert row["TRE net (mm)"] == row["TRE initial (mm)"]
+        assert abs(row["TRE initial (mm)"] - expected) < 0.005 * expected
+        assert row["folding (%)"] == 0.0 and row["IC error (mm)"] == 0.0
+    assert result["summary_104_113"]["n_pairs"] == len([c for c in test.cases if c in BENCHMARK_TEST_CASES])
+
+
+def test_tta_lowers_tre_on_a_real_pair(prepared_ci):
+    """From a freshly initialised network, a few TTA iterations on one real ci pair reduce its TRE."""
+    from regdiff_core.data import PairSet, load_landmarks, load_pairs
+
+    profile = prepared_ci.profile  # registration at 32×26×32
+    test = load_pairs(profile, prepared_ci.work_dir, "test")
+    i = test.cases.index("054")
+    one = PairSet(["054"], test.fixed[i : i + 1], test.moving[i : i + 1], test.spacing[i : i + 1])
+    one_lms = load_landmarks(profile, prepared_ci.data_dir, ["054"])
+    torch.manual_seed(0)
+    model = R.build_registration(profile.registration)
+    ev = M.evaluate_model(
+        profile, model, one, one_lms, name="fresh", tta_iterations=10, device=torch.device("cpu")
+    )
+    s = ev.summary()
+    assert s["tre_tta"] < 0.6 * s["tre_initial"]  # 12.7 mm → about 5 mm
+    assert s["folding_percent"] < 0.1
+
+
+def test_cli_trains_and_evaluates_a_regime(prepared_ci, tmp_path):
+    import shutil
+
+    from regdiff_core.cli import main
+
+    work = tmp_path / "work"
+    shutil.copytree(prepared_ci.work_dir / "prepared", work / "prepared")
+    common = ["--profile", "ci", "--data-dir", str(prepared_ci.data_dir), "--work-dir", str(work)]
+    short = ["--set", "registration.iterations=2"]
+    assert main(["train-registration", "--regime", "real_few", *common, *short]) == 0
+    assert (work / "registration/real_few/model.pt").is_file()
+    out = tmp_path / "real_few.json"
+    assert main(["evaluate", "--checkpoint", "real_few", "--tta", "1", "--json", str(out), *common]) == 0
+    result = json.loads(out.read_text())
+    assert result["tta_iterations"] == 1 and len(result["per_case"]) == 6
+    assert result["summary"]["tre_tta"] is not None and result["summary"]["n_landmarks"] > 1000
