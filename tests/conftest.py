@@ -51,3 +51,15 @@ def prepared_ci(tmp_path_factory, mirror_url):
     profile = get_profile("ci")
     prepare(profile, root / "data", root / "work", base_url=mirror_url, progress=False)
     return SimpleNamespace(profile=profile, data_dir=root / "data", work_dir=root / "work")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch thread. For tests of tiny tensors: on a shared 2-core machine two
+    OpenMP threads spin against other processes and ran such tests up to 70× slower than one did."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,15 +13,7 @@ from regdiff_core import metrics as M
 from regdiff_core import registration as R
 from regdiff_core.config import ALL_TEST_CASES, BENCHMARK_TEST_CASES, get_profile
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: on a shared 2-core machine two OpenMP threads spin against other
-    processes and ran these tests up to 70× slower than one thread did."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def constant_field(shape, vector):

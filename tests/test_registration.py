@@ -17,14 +17,7 @@ from regdiff_core.config import EvaluationConfig, RegistrationConfig, get_profil
 TINY = RegistrationConfig(channels=(4, 8, 8, 8, 8, 8), ss_steps=12)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: on a shared 2-core machine two OpenMP threads spin against other
-    processes and ran these tests up to 70× slower than one thread did."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def smooth_field(shape, amplitude, seed=0, batch=1):
