@@ -151,11 +151,16 @@ def train_loop(
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         except Exception as err:  # a truncated or foreign file: say which one
             raise RuntimeError(f"{desc}: cannot read checkpoint {ckpt_path}: {err}") from err
-        missing = set(state) - set(ckpt.get("state", {}))
+        saved = ckpt.get("state", {})
+        # a GradScaler's state may be absent or empty (written by a CPU run, or with amp off): a CPU
+        # checkpoint resumed on CUDA then starts from the initial scale instead of failing
+        missing = {n for n in set(state) - set(saved) if not isinstance(state[n], torch.amp.GradScaler)}
         if missing:
             raise KeyError(f"{desc}: checkpoint {ckpt_path} lacks {sorted(missing)}")
         for name, obj in state.items():
-            obj.load_state_dict(ckpt["state"][name])
+            if isinstance(obj, torch.amp.GradScaler) and not saved.get(name):
+                continue
+            obj.load_state_dict(saved[name])
         _set_rng_state(ckpt["rng"])
         history = list(ckpt["history"])
         start = resumed_from = int(ckpt["step"])

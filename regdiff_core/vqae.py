@@ -132,11 +132,13 @@ class VectorQuantizer(nn.Module):
 
     def nearest(self, z_flat: torch.Tensor) -> torch.Tensor:
         """(N, C) features → (N,) index of the nearest code (Euclidean), computed in fp32."""
-        e = self.embedding.weight.float()
-        z_flat = z_flat.float()
-        # ||z − e||² = ||z||² + ||e||² − 2 z·e
-        d = (z_flat**2).sum(1, keepdim=True) + (e**2).sum(1) - 2 * z_flat @ e.t()
-        return d.argmin(1)
+        # autocast off: under it the matmul below would run in fp16/bf16 whatever its inputs' dtype
+        with torch.autocast(device_type=z_flat.device.type, enabled=False):
+            e = self.embedding.weight.float()
+            z_flat = z_flat.float()
+            # ||z − e||² = ||z||² + ||e||² − 2 z·e
+            d = (z_flat**2).sum(1, keepdim=True) + (e**2).sum(1) - 2 * z_flat @ e.t()
+            return d.argmin(1)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, *grid) long → (B, C, *grid) codebook vectors."""

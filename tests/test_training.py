@@ -214,3 +214,22 @@ def test_load_weights_refuses_to_guess_between_two_networks(tmp_path):
     with pytest.raises(KeyError, match="key="):
         load_weights(_net(), payload)
     load_weights(_net(), payload, key="b")
+
+
+def test_a_cpu_checkpoint_resumes_with_gradient_scaling_on(tmp_path):
+    # A run without amp saves an empty GradScaler state; resuming it where amp is on (a CPU run continued
+    # on CUDA) must start the scaler afresh, not fail on the empty state or on a missing entry.
+    ckpt = tmp_path / "ckpt.pt"
+    for scaler_in_ckpt in (True, False):
+        net, state, step_fn = _toy()
+        if scaler_in_ckpt:
+            state["scaler"] = torch.amp.GradScaler("cpu", enabled=False)
+        train_loop(step_fn, state, 2, ckpt_path=ckpt, ckpt_every=1, progress=False)
+        assert "scaler" in torch.load(ckpt, weights_only=False)["state"] or not scaler_in_ckpt
+
+        net, state, step_fn = _toy()
+        state["scaler"] = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**10)
+        result = train_loop(step_fn, state, 4, ckpt_path=ckpt, ckpt_every=1, progress=False)
+        assert result.resumed_from == 2 and len(result.history) == 4
+        assert state["scaler"].get_scale() == 2.0**10
+        ckpt.unlink()

@@ -374,3 +374,14 @@ def test_encode_accepts_uint8_masks():
     model = vqae.build_vqae(TINY).eval()
     x = _tubes(1)
     assert torch.equal(model.encode(x), model.encode(x.float()))
+
+
+def test_nearest_code_stays_fp32_under_autocast():
+    # On CUDA, encode_volumes runs under fp16 autocast; the code distances must still be fp32, or
+    # near-ties flip tokens. CPU bf16 autocast rounds the same matmul: the assignment must not change.
+    torch.manual_seed(0)
+    vq = vqae.VectorQuantizer(codebook_size=128, embed_dim=64)
+    z = torch.randn(4000, 64)
+    exact = vq.nearest(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(vq.nearest(z), exact)
