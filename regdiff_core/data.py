@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from regdiff_core import utils
 from regdiff_core.config import ALL_TEST_CASES, CANONICAL_SHAPE, RELEASE_TRAIN_CASES
 
 # --------------------------------------------------------------------------------------------------
@@ -568,7 +569,7 @@ def prepare(
         )
         result = prepare_split(files, shape, dilate=dilate, progress=progress, desc=f"prepare {split}")
         result.update(format=CACHE_FORMAT, dataset=dataset, split=split)
-        _atomic_save(result, path)
+        utils.atomic_torch_save(result, path)
     if not (data_dir / RELEASE / LANDMARKS_FILE).is_file():  # test split cached, but a fresh data_dir
         download_pairs(RELEASE, data_dir, cases_of["test"][:1], base_url=base_url, progress=False)
     return PrepareResult(
@@ -580,12 +581,6 @@ def prepare(
         cached=tuple(cached),
         seconds=time.perf_counter() - start,
     )
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    from regdiff_core.utils import atomic_torch_save
-
-    atomic_torch_save(obj, path)
 
 
 def load_pairs(profile, work_dir: str | Path, split: str) -> PairSet:
@@ -721,21 +716,8 @@ def shapes_table(pairs: PairSet, split: str) -> list[dict[str, Any]]:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Rows of equal keys as a Markdown table (for ``IPython.display.Markdown``)."""
-    if not rows:
-        return ""
-    keys = list(rows[0])
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, tuple):  # a shape or spacing (3 entries) as 1×2×3; anything longer as a list
-            return ("×" if len(v) == 3 else ", ").join(str(x) for x in v)
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
+    """Rows of equal keys as a Markdown table, floats to 4 significant digits (see :func:`utils.markdown_table`)."""
+    return utils.markdown_table(rows)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from regdiff_core import utils
 from regdiff_core.config import ALL_TEST_CASES, BENCHMARK_TEST_CASES, CANONICAL_SHAPE, Profile
 from regdiff_core.registration import (
     TwoStepRegistration,
@@ -433,20 +434,7 @@ def comparison_rows(
 
 def markdown_table(rows: Sequence[dict[str, Any]], digits: int = 2) -> str:
     """Rows (dicts with equal keys) as a Markdown table; floats to ``digits`` decimals, None as "—"."""
-    if not rows:
-        return ""
-    keys = list(rows[0])
-
-    def fmt(v: Any) -> str:
-        if v is None:
-            return "—"
-        if isinstance(v, float):
-            return f"{v:.{digits}f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
+    return utils.markdown_table(rows, digits)
 
 
 def plot_tre_boxes(ax, evaluations: dict[str, Evaluation], initial: torch.Tensor | None = None) -> None:

@@ -12,7 +12,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +147,27 @@ def atomic_torch_save(obj: Any, path: Path) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], digits: int | None = None) -> str:
+    """Rows (dicts with the keys of the first) as a Markdown table, for ``IPython.display.Markdown``.
+
+    Floats to ``digits`` decimals (None: 4 significant digits); a 3-tuple (a shape or spacing) as
+    1×2×3, a longer tuple as a list; a missing value or None as "—".
+    """
+    if not rows:
+        return ""
+    keys = list(rows[0])
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "—"
+        if isinstance(v, tuple):
+            return ("×" if len(v) == 3 else ", ").join(str(x) for x in v)
+        if isinstance(v, float):
+            return f"{v:.4g}" if digits is None else f"{v:.{digits}f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from regdiff_core.utils import atomic_torch_save, autocast, resolve_device, seed_everything, write_metrics
+from regdiff_core.utils import (
+    atomic_torch_save,
+    autocast,
+    markdown_table,
+    resolve_device,
+    seed_everything,
+    write_metrics,
+)
 
 
 def test_write_metrics_is_json_with_null_for_nan(tmp_path):
@@ -50,3 +57,15 @@ def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path):
         atomic_torch_save({"x": Unpicklable()}, path)
     assert torch.load(path, weights_only=True) == {"x": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
+
+
+def test_markdown_table_formats_shapes_floats_and_missing_values():
+    rows = [{"shape": (64, 52, 64), "x": 1 / 3, "n": 3}, {"shape": (1, 2), "x": None, "n": 4}]
+    assert markdown_table(rows).splitlines() == [
+        "| shape | x | n |",
+        "|---|---|---|",
+        "| 64×52×64 | 0.3333 | 3 |",
+        "| 1, 2 | — | 4 |",
+    ]
+    assert markdown_table(rows, digits=1).splitlines()[2] == "| 64×52×64 | 0.3 | 3 |"
+    assert markdown_table([]) == ""
