@@ -18,8 +18,10 @@ to a default, as it would with a plain dict lookup).
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 #: The seed's canonical frame (H, W, D) in voxels (about 1 mm). Landmarks live in this frame.
 CANONICAL_SHAPE: tuple[int, int, int] = (256, 208, 256)
@@ -167,6 +169,198 @@ STAGES: dict[str, type] = {
 }
 
 
+# --------------------------------------------------------------------------------------------------
+# Allowed values of every field, checked whenever a profile is built (before anything is written).
+# --------------------------------------------------------------------------------------------------
+
+
+class _Rule(NamedTuple):
+    """``ok(value)`` decides; ``allowed`` says what is allowed, for the error message."""
+
+    ok: Callable[[Any], bool]
+    allowed: str
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int(low: int, high: int | None = None) -> _Rule:
+    text = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    return _Rule(
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high),
+        text,
+    )
+
+
+def _real(low: float, high: float | None = None, *, open_low: bool = False, open_high: bool = False) -> _Rule:
+    lo = f"{'(' if open_low else '['}{low:g}"
+    hi = f"{high:g}{')' if open_high else ']'}" if high is not None else "inf)"
+
+    def ok(v: Any) -> bool:
+        if not _num(v) or v < low or (open_low and v == low):
+            return False
+        return high is None or v < high or (v == high and not open_high)
+
+    return _Rule(ok, f"a number in {lo}, {hi}")
+
+
+def _ints(low: int, length: int | None = None) -> _Rule:
+    n = f"{length} " if length else "one or more "
+    return _Rule(
+        lambda v: isinstance(v, tuple) and len(v) >= 1 and (length is None or len(v) == length)
+        and all(_int(low).ok(x) for x in v),
+        f"{n}integers >= {low}",
+    )  # fmt: skip
+
+
+def _choice(*options: Any) -> _Rule:
+    return _Rule(lambda v: v in options, f"one of {list(options)}")
+
+
+def _subset(*options: str) -> _Rule:
+    return _Rule(
+        lambda v: isinstance(v, tuple) and len(v) >= 1 and all(x in options for x in v),
+        f"one or more of {list(options)}",
+    )
+
+
+def _optional(rule: _Rule) -> _Rule:
+    return _Rule(lambda v: v is None or rule.ok(v), f"None or {rule.allowed}")
+
+
+_BOOL = _Rule(lambda v: isinstance(v, bool), "true or false")
+_CASES = _Rule(lambda v: isinstance(v, tuple) and all(isinstance(c, str) for c in v), "a list of case ids")
+_NAMES = _Rule(lambda v: isinstance(v, tuple) and all(isinstance(c, str) for c in v), "a list of names")
+_LR = _real(0.0, 1.0, open_low=True)  # Adam: lr > 0; above 1 every one of these networks diverges
+_SHARE = _real(0.0, 1.0, open_low=True, open_high=True)
+
+#: The allowed values of every field, per stage. A field missing here is refused by :func:`validate`
+#: (so a new field must say what it allows). Case ids, dataset names and divisibility of the shape
+#: are checked again where they are used (``data.split_spec``, ``data.block_factors``) against the data.
+RANGES: dict[str, dict[str, _Rule]] = {
+    "data": {
+        "shape": _ints(1, 3),
+        "train_dataset": _choice("lung250m-4b", "unleashing-registration"),
+        "train_cases": _optional(_CASES),
+        "test_cases": _optional(_CASES),
+    },
+    "vqae": {
+        "spatial_dims": _choice(2, 3),
+        "channels": _ints(1),
+        "strides": _ints(1),
+        "codebook_size": _int(2),
+        "embed_dim": _int(1),
+        "beta": _real(0.0),
+        "legacy_beta": _BOOL,
+        "codebook_weight": _real(0.0),
+        "class_weights": _Rule(
+            lambda v: isinstance(v, tuple) and len(v) == 2 and all(_real(0.0).ok(x) for x in v) and any(v),
+            "two numbers >= 0, not both 0",
+        ),
+        "patch_size": _int(1),
+        "affine_sigma": _real(0.0, 1.0),
+        "batch_size": _int(1),
+        "lr": _LR,
+        "iterations": _int(1),
+        "restart_divisor": _int(1),
+        "dead_code_restart": _BOOL,
+        "amp": _BOOL,
+        "ckpt_every": _int(1),
+        "log_every": _int(1),
+    },
+    "diffusion": {
+        "n_layers": _int(1),
+        "width": _int(1),
+        "n_heads": _int(1),
+        "ff": _int(1),
+        "dropout": _real(0.0, 1.0, open_high=True),
+        "pre_norm": _BOOL,
+        "ema": _optional(_SHARE),
+        "T": _int(1),
+        "lr": _LR,
+        "warmup": _int(0),
+        "batch_size": _int(1),
+        "iterations": _int(1),
+        "amp": _BOOL,
+        "ckpt_every": _int(1),
+        "log_every": _int(1),
+        "ablation_iterations": _int(0),
+        "ablation_ema": _SHARE,
+        "ablation_variants": _NAMES,
+    },
+    "sampling": {
+        "n_pairs": _int(1),
+        "steps": _int(1),
+        "temperature": _real(0.0, open_low=True),
+        "batch_size": _int(1),
+        "threshold": _real(0.0, 1.0, open_high=True),
+        "export_nifti": _BOOL,
+        "n_stats": _int(1),
+        "steps_sweep": _ints(1),
+        "n_sweep": _int(1),
+    },
+    "registration": {
+        "scale": _real(0.0, 1.0, open_low=True),
+        "channels": _ints(1),
+        "strides": _ints(1),
+        "tanh_scale": _real(0.0, open_low=True),
+        "smooth_kernel": _int(1),
+        "ss_steps": _int(0),
+        "smooth_weight": _real(0.0),
+        "lr": _LR,
+        "batch_size": _int(1),
+        "iterations": _int(1),
+        "n_few": _int(1),
+        "n_synthetic": _int(1),
+        "regimes": _subset("real_all", "real_few", "synthetic", "synthetic_plus_few"),
+        "amp": _BOOL,
+        "ckpt_every": _int(1),
+        "log_every": _int(1),
+    },
+    "evaluation": {
+        "tta_iterations": _int(0),
+        "tta_lr": _LR,
+    },
+}
+
+#: Rules between fields of one stage: (stage, field, ok(cfg), what must hold, the other field).
+_BETWEEN: tuple[tuple[str, str, Callable[[Any], bool], str, str], ...] = (
+    ("vqae", "strides", lambda c: len(c.strides) == len(c.channels), "one stride per channel entry", "channels"),
+    ("vqae", "embed_dim", lambda c: c.embed_dim == c.channels[-1], "the last channel entry", "channels"),
+    ("diffusion", "width", lambda c: c.width % c.n_heads == 0, "a multiple of n_heads", "n_heads"),
+    # MONAI's UNet takes one stride fewer than channel entries
+    ("registration", "strides", lambda c: len(c.strides) == len(c.channels) - 1, "len(channels) - 1 strides",
+     "channels"),
+)  # fmt: skip
+
+
+def validate(profile: Profile) -> Profile:
+    """Check every field of every stage against :data:`RANGES`; raise :class:`ConfigError` naming the
+    field, its value and what is allowed. Returns ``profile`` unchanged."""
+    where = f" in profile {profile.name!r}"
+    for stage in STAGES:
+        cfg = getattr(profile, stage)
+        rules = RANGES.get(stage, {})
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            rule = rules.get(f.name)
+            if rule is None:
+                raise ConfigError(f"{stage}.{f.name}: no allowed range is defined (add it to config.RANGES)")
+            if not rule.ok(value):
+                raise ConfigError(
+                    f"{stage}.{f.name} = {value!r}{where} is out of range: allowed is {rule.allowed}"
+                )
+    for stage, name, ok, text, other in _BETWEEN:
+        cfg = getattr(profile, stage)
+        if not ok(cfg):
+            raise ConfigError(
+                f"{stage}.{name} = {getattr(cfg, name)!r}{where} is out of range: allowed is {text} "
+                f"({stage}.{other} = {getattr(cfg, other)!r})"
+            )
+    return profile
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -176,6 +370,9 @@ class Profile:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     registration: RegistrationConfig = field(default_factory=RegistrationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)  # every way of building a profile (overrides, dataclasses.replace) is checked
 
     def replace(self, overrides: dict[str, Any] | None = None) -> Profile:
         """A copy with dotted-key overrides applied, e.g. ``{"vqae.iterations": 10}``."""

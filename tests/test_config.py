@@ -58,8 +58,10 @@ def test_ci_is_smaller_than_paper():
 
 
 def test_overrides_are_typed():
-    p = get_profile("ci", {"vqae.iterations": "7", "vqae.amp": "true", "registration.channels": "4,8"})
+    overrides = {"vqae.iterations": "7", "vqae.amp": "true", "registration.channels": "4,8"}
+    p = get_profile("ci", {**overrides, "registration.strides": "2"})
     assert p.vqae.iterations == 7 and p.vqae.amp is True and p.registration.channels == (4, 8)
+    assert p.registration.strides == (2,)
     assert get_profile("ci").vqae.iterations != 7  # the named profile itself is untouched
 
 
