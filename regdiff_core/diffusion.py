@@ -66,8 +66,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from regdiff_core.config import DiffusionConfig, Profile, get_profile
-from regdiff_core.training import train_loop
-from regdiff_core.utils import atomic_torch_save, autocast, count_parameters
+from regdiff_core.training import CheckpointError, load_weights, read_checkpoint, train_loop
+from regdiff_core.utils import atomic_torch_save, atomic_write_text, autocast, count_parameters
 
 #: Files this chapter writes under ``work_dir``.
 MODEL_FILE = Path("diffusion") / "model.pt"
@@ -263,7 +263,8 @@ def _tokens_as_sequences(tokens) -> tuple[torch.Tensor, int, tuple[int, ...]]:
 
 
 #: Settings that may change between runs without invalidating a checkpoint (more iterations resume it).
-_RESUMABLE_FIELDS = ("iterations", "ckpt_every", "log_every", "ablation_iterations", "ablation_ema")
+#: A changed ``lr`` is applied on resume (``training.train_loop`` says so), so it does not restart either.
+_RESUMABLE_FIELDS = ("iterations", "ckpt_every", "log_every", "ablation_iterations", "ablation_ema", "lr")
 
 
 def _forget_stale_checkpoint(out_dir: Path, x_all: torch.Tensor, cfg: DiffusionConfig) -> None:
@@ -282,11 +283,28 @@ def _forget_stale_checkpoint(out_dir: Path, x_all: torch.Tensor, cfg: DiffusionC
     fingerprint = digest.hexdigest()
     path = out_dir / "fingerprint.json"
     state = out_dir / STATE_FILE.name
-    if state.exists() and (not path.exists() or json.loads(path.read_text()).get("sha256") != fingerprint):
+    if state.exists() and (not path.exists() or _read_fingerprint(path, state) != fingerprint):
         print(f"[diffusion] {state} was trained on other tokens or settings: starting afresh")
         state.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"sha256": fingerprint}) + "\n")
+    atomic_write_text(path, json.dumps({"sha256": fingerprint}) + "\n")
+
+
+def _read_fingerprint(path: Path, state: Path) -> str | None:
+    """The sha256 recorded in ``fingerprint.json``; a damaged file is an error naming it (the checkpoint
+    it vouches for is kept, not guessed about)."""
+    import json
+
+    try:
+        value = json.loads(path.read_text())
+        if not isinstance(value, dict) or not isinstance(value.get("sha256"), str):
+            raise ValueError('expected {"sha256": "<hex>"}')
+        return value["sha256"]
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"{path} is damaged ({type(err).__name__}: {err}); it records which tokens and settings {state} "
+            f"was trained with. Delete {path} to train the denoiser again from scratch (the checkpoint is "
+            "then replaced), or restore it from a backup."
+        ) from err
 
 
 def train_denoiser(
@@ -361,6 +379,7 @@ def train_denoiser(
     result = train_loop(
         step_fn, state, cfg.iterations, ckpt_path=out_dir / STATE_FILE.name, ckpt_every=cfg.ckpt_every,
         log_every=cfg.log_every, history_csv=out_dir / HISTORY_FILE.name, desc="diffusion", progress=progress,
+        stage="diffusion", settings=dataclasses.asdict(cfg),
     )  # fmt: skip
     denoiser.eval()
     ema_net = ema.module.eval() if ema is not None else None
@@ -393,15 +412,21 @@ def load_denoiser(
             f"no denoiser at {path}: run chapter 3 (notebooks/03_absorbing_diffusion.ipynb) or "
             "`python -m regdiff_core train-diffusion --profile <P> --work-dir <W>` first"
         )
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = DiffusionConfig(**payload["config"])
-    denoiser = build_denoiser(cfg, payload["codebook_size"], tuple(payload["grid"]))
-    weights = payload["state_dict"]
+    payload = read_checkpoint(path, "denoiser")
+    try:
+        cfg = DiffusionConfig(**payload["config"])
+        denoiser = build_denoiser(cfg, payload["codebook_size"], tuple(payload["grid"]))
+        weights = payload["state_dict"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} is not a denoiser model.pt of this project ({type(err).__name__}: {err}); move it away "
+            "and rerun `python -m regdiff_core train-diffusion`"
+        ) from err
     if ema or (ema is None and payload.get("ema_state_dict") is not None):
         if payload.get("ema_state_dict") is None:
             raise KeyError(f"{path} holds no EMA weights (the run had DiffusionConfig.ema = None)")
         weights = payload["ema_state_dict"]
-    denoiser.load_state_dict(weights)
+    load_weights(denoiser, weights, name=str(path))
     return denoiser.to(device).eval()
 
 

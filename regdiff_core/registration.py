@@ -86,7 +86,7 @@ from regdiff_core.config import (
     Profile,
     RegistrationConfig,
 )
-from regdiff_core.training import clean_state_dict, train_loop
+from regdiff_core.training import CheckpointError, load_weights, read_checkpoint, train_loop
 from regdiff_core.utils import atomic_torch_save, autocast, count_parameters, timer
 
 # --------------------------------------------------------------------------------------------------
@@ -592,6 +592,8 @@ def train_regime(
         history_csv=out_dir / "history.csv",
         desc=f"registration {regime}",
         progress=progress,
+        stage="registration",
+        settings=dataclasses.asdict(cfg),
     )
     seconds = result.seconds
     path = _save_model(model, out_dir / "model.pt", regime=regime, grid=grid, n_pairs=n, cases=data.cases)
@@ -618,18 +620,17 @@ def load_registration(
             )
     if not path.exists():
         raise FileNotFoundError(f"registration checkpoint {path} does not exist")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = read_checkpoint(path, "registration model")
     if isinstance(payload, dict) and "nets" in payload:
         cfg = RegistrationConfig(**_tuples(payload["config"]))
         states, dims, n_pairs = payload["nets"], payload.get("spatial_dims", 3), payload.get("n_pairs")
     elif isinstance(payload, list | tuple) and len(payload) == 2:  # the seed's released networks
         cfg, states, dims, n_pairs = released_config(profile), list(payload), 3, None
     else:
-        raise ValueError(f"{path}: neither a chapter-5 model.pt nor a list of two UNet state dicts")
+        raise CheckpointError(f"{path}: neither a chapter-5 model.pt nor a list of two UNet state dicts")
     model = build_registration(cfg, dims)
-    for net, sd in zip(model.nets, states):
-        sd = clean_state_dict(sd)
-        net.load_state_dict({k: v.float() if torch.is_floating_point(v) else v for k, v in sd.items()})
+    for k, (net, sd) in enumerate(zip(model.nets, states)):
+        load_weights(net, sd, name=f"{path} (network {k + 1})")
     model.n_train_pairs = n_pairs
     return model.to(device).eval()
 

@@ -8,9 +8,12 @@ backward, optimiser and scheduler updates) and a ``state`` dict of everything wi
 - stops with :class:`NonFiniteLossError` naming the step when the loss is NaN or infinite;
 - every ``ckpt_every`` steps (and at the end) writes ``state``, the history and all random-number
   generator states to ``ckpt_path`` atomically (temporary file + rename, so a kill mid-write leaves the
-  previous checkpoint intact);
+  previous checkpoint intact) — but only when every number in it is finite (weights, optimiser moments,
+  learning rates): otherwise it stops with :class:`NonFiniteStateError` and keeps the last good one;
 - when ``ckpt_path`` already exists, resumes after its step. Because the RNG states travel with the
-  checkpoint, a resumed CPU run continues exactly as the uninterrupted one would have.
+  checkpoint, a resumed CPU run continues exactly as the uninterrupted one would have. A learning rate
+  changed since the checkpoint is applied (and said so); other changed ``settings`` are listed.
+- a checkpoint that cannot be read or does not fit raises :class:`CheckpointError` naming the file.
 
 Written by hand rather than with a trainer framework (Lightning, MONAI's ignite engines) so that the
 reader sees the whole loop in one screen, and because those add a dependency the book otherwise lacks.
@@ -31,11 +34,41 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from regdiff_core.utils import atomic_torch_save
+from regdiff_core.utils import atomic_torch_save, remove_orphans
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the value."""
+    """The loss became NaN or infinite; the message names the step, the value and what to do."""
+
+
+class NonFiniteStateError(NonFiniteLossError):
+    """The state about to be checkpointed holds NaN or infinite numbers; it was not saved."""
+
+
+class CheckpointError(RuntimeError, ValueError):
+    """A checkpoint or model file that cannot be read or does not fit; the message names it and says what
+    to do. Nothing is deleted: the file stays where it is. (A ``ValueError`` too, which the loaders
+    raised before this class existed.)"""
+
+
+def read_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
+    """``torch.load(path)`` on the CPU, with a :class:`CheckpointError` naming the file when it is missing,
+    truncated or not a torch file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated zip, pickle of something else, a text file ...
+        raise CheckpointError(
+            f"cannot read {what} {path} ({type(err).__name__}: {_first_line(err)}): the file is damaged or "
+            "not a torch file. Move it away (or delete it) and run the stage that writes it again."
+        ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else repr(err)
 
 
 @dataclass
@@ -76,18 +109,23 @@ def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_weights(
-    module: torch.nn.Module, source: str | Path | Mapping[str, Any], key: str | None = None
+    module: torch.nn.Module,
+    source: str | Path | Mapping[str, Any],
+    key: str | None = None,
+    *,
+    name: str | None = None,
 ) -> None:
     """Load weights into ``module`` from a path or a state dict, tolerant of how they were saved.
 
     Accepts a bare state dict, a :func:`train_loop` checkpoint (``{"state": {key: ...}}``), keys
     prefixed by ``torch.compile`` or DataParallel, and fp16 or bf16 tensors (cast to the module's dtype).
+    ``name`` names a state dict given directly (its file) in error messages; a path names itself.
+    Weights that do not fit ``module`` raise :class:`CheckpointError` naming the source.
     """
     if isinstance(source, str | Path):
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        source = torch.load(path, map_location="cpu", weights_only=False)
+        name = str(source)
+        source = read_checkpoint(source)
+    name = name if name is not None else "the given state dict"
     sd: Any = source
     if isinstance(sd, Mapping) and "state" in sd and isinstance(sd["state"], Mapping):
         if key is None:
@@ -98,16 +136,26 @@ def load_weights(
                 if isinstance(v, Mapping) and v and all(torch.is_tensor(t) for t in v.values())
             ]
             if len(candidates) != 1:
-                raise KeyError(f"checkpoint holds several state dicts {sorted(sd['state'])}: pass key=")
+                raise KeyError(f"{name} holds several state dicts {sorted(sd['state'])}: pass key=")
             key = candidates[0]
+        if key not in sd["state"]:
+            raise CheckpointError(f"{name} has no entry {key!r} (it holds {sorted(sd['state'])})")
         sd = sd["state"][key]
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"{name} holds a {type(sd).__name__}, not a state dict of weights")
     sd = clean_state_dict(sd)
     own = module.state_dict()
     sd = {
         k: (v.to(own[k].dtype) if k in own and torch.is_tensor(v) and v.is_floating_point() else v)
         for k, v in sd.items()
     }
-    module.load_state_dict(sd)
+    try:
+        module.load_state_dict(sd)
+    except RuntimeError as err:  # missing/unexpected keys, size mismatch: another architecture
+        raise CheckpointError(
+            f"{name} does not fit this {type(module).__name__}: {_first_line(err)} … It was written with "
+            "other settings or another architecture; use the settings it was trained with, or train again."
+        ) from err
 
 
 def _write_history_csv(history: list[dict[str, float]], path: Path) -> None:
@@ -123,6 +171,143 @@ def _write_history_csv(history: list[dict[str, float]], path: Path) -> None:
     tmp.replace(path)
 
 
+def _non_finite(obj: Any, where: str = "") -> str | None:
+    """The first place (``"model.weight"``, ``"optimizer.state.0.exp_avg"``) holding NaN/inf, else None."""
+    if torch.is_tensor(obj):
+        if obj.is_floating_point() or obj.is_complex():
+            return None if bool(torch.isfinite(obj).all()) else where
+        return None
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else where
+    if isinstance(obj, Mapping):
+        items = obj.items()
+    elif isinstance(obj, list | tuple):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        found = _non_finite(v, f"{where}.{k}" if where else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+def _optimisers(state: Mapping[str, Any]) -> dict[str, torch.optim.Optimizer]:
+    return {n: o for n, o in state.items() if isinstance(o, torch.optim.Optimizer)}
+
+
+def _base_lrs(opt: torch.optim.Optimizer) -> list[float]:
+    """Each group's configured learning rate (a scheduler keeps it as ``initial_lr``)."""
+    return [float(g.get("initial_lr", g["lr"])) for g in opt.param_groups]
+
+
+def _apply_new_lr(state: Mapping[str, Any], fresh: dict[str, list[float]]) -> list[str]:
+    """After loading a checkpoint, put back the learning rates the run was configured with (``fresh``).
+
+    Schedulers scale the configured rate (LambdaLR: lr = base · λ(t); cosine restarts with η_min = 0:
+    lr = base · (1 + cos πt/T)/2), so the current rate and the schedulers' ``base_lrs`` are scaled by
+    new/old. Returns one "old → new" text per changed optimiser.
+    """
+    changes = []
+    for name, opt in _optimisers(state).items():
+        old = _base_lrs(opt)
+        new = fresh[name]
+        if old == new:
+            continue
+        for i, (group, o, n) in enumerate(zip(opt.param_groups, old, new)):
+            factor = n / o if o > 0 else None
+            group["lr"] = group["lr"] * factor if factor is not None else n
+            if "initial_lr" in group:
+                group["initial_lr"] = n
+            for sched in state.values():
+                if isinstance(sched, torch.optim.lr_scheduler.LRScheduler) and sched.optimizer is opt:
+                    sched.base_lrs[i] = n
+                    if getattr(sched, "_last_lr", None) is not None:
+                        sched._last_lr[i] = group["lr"]
+        changes.append(f"{name} lr {', '.join(f'{o:g}' for o in old)} → {', '.join(f'{n:g}' for n in new)}")
+    return changes
+
+
+def _advice(desc: str, ckpt_path: Path | None, stage: str | None, lr: float | None) -> str:
+    """What to do after a divergence — each alternative works as written (tests/test_failures.py)."""
+    lower = (
+        f"--set {stage}.lr=<a value below {lr:g}>" if stage and lr is not None else "a lower learning rate"
+    )
+    if ckpt_path is not None and ckpt_path.exists():
+        step = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("step", "?")
+        return (
+            f"The last finite checkpoint {ckpt_path} (step {step}) is kept. To start afresh, delete (or move) "
+            f"{ckpt_path} and rerun with {lower}. To continue from it instead, rerun with {lower} "
+            "(a resumed run applies the new learning rate); that helps only if its weights are still sound. "
+            "Or check the inputs for NaN."
+        )
+    return f"Nothing was checkpointed. Rerun with {lower}, or check the inputs for NaN."
+
+
+def _current_lr(state: Mapping[str, Any]) -> float | None:
+    opts = list(_optimisers(state).values())
+    return float(opts[0].param_groups[0].get("initial_lr", opts[0].param_groups[0]["lr"])) if opts else None
+
+
+_CKPT_KEYS = ("step", "state", "rng", "history")
+
+
+def _resume(
+    ckpt_path: Path, state: Mapping[str, Any], desc: str, settings: Mapping[str, Any] | None
+) -> tuple[int, list[dict[str, float]]]:
+    """Load ``ckpt_path`` into ``state`` and the RNGs; return (its step, its history)."""
+    again = f"Move it away (or delete it) to train {desc} from scratch."
+    ckpt = read_checkpoint(ckpt_path, f"{desc} checkpoint")
+    if not isinstance(ckpt, Mapping) or any(k not in ckpt for k in _CKPT_KEYS):
+        found = sorted(ckpt) if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise CheckpointError(
+            f"{desc}: {ckpt_path} is not a training checkpoint (expected a dict with "
+            f"{', '.join(_CKPT_KEYS)}; found {found}). {again}"
+        )
+    saved = ckpt["state"]
+    # a GradScaler's state may be absent or empty (written by a CPU run, or with amp off): a CPU
+    # checkpoint resumed on CUDA then starts from the initial scale instead of failing
+    missing = {n for n in set(state) - set(saved) if not isinstance(state[n], torch.amp.GradScaler)}
+    if missing:
+        raise CheckpointError(
+            f"{desc}: checkpoint {ckpt_path} lacks {sorted(missing)} (it holds {sorted(saved)}). {again}"
+        )
+    fresh = {name: _base_lrs(opt) for name, opt in _optimisers(state).items()}
+    for name, obj in state.items():
+        if isinstance(obj, torch.amp.GradScaler) and not saved.get(name):
+            continue
+        try:
+            obj.load_state_dict(saved[name])
+        except Exception as err:  # size mismatch, other parameter groups, a foreign object
+            raise CheckpointError(
+                f"{desc}: checkpoint {ckpt_path} does not fit this run's {name!r} ({type(err).__name__}: "
+                f"{_first_line(err)}): it was written with other settings or another architecture. Use "
+                f"the settings it was trained with, or: {again}"
+            ) from err
+    try:
+        _set_rng_state(ckpt["rng"])
+        history = list(ckpt["history"])
+        step = int(ckpt["step"])
+    except Exception as err:
+        raise CheckpointError(
+            f"{desc}: checkpoint {ckpt_path} is damaged ({_first_line(err)}). {again}"
+        ) from err
+    changes = _apply_new_lr(state, fresh)
+    old_settings = ckpt.get("settings")
+    if settings is not None and isinstance(old_settings, Mapping):
+        changes += [
+            f"{k} {old_settings[k]!r} → {v!r}"
+            for k, v in settings.items()
+            if k != "lr" and k in old_settings and old_settings[k] != v
+        ]
+    if changes:
+        print(
+            f"[{desc}] resuming {ckpt_path} at step {step} with changed settings, applied from step "
+            f"{step + 1}: {'; '.join(changes)}"
+        )
+    return step, history
+
+
 def train_loop(
     step_fn: Callable[[int], Mapping[str, float | torch.Tensor]],
     state: Mapping[str, Any],
@@ -134,36 +319,29 @@ def train_loop(
     history_csv: str | Path | None = None,
     desc: str = "train",
     progress: bool = True,
+    stage: str | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Run ``step_fn`` for steps ``1 … n_steps``, resuming from ``ckpt_path`` if it exists.
 
     ``step_fn(step)`` performs one optimisation step and returns floats (or 0-d tensors), at least
     ``"loss"``. ``state`` maps names to objects with ``state_dict()`` / ``load_state_dict()``.
+    ``stage`` (e.g. ``"vqae"``) lets error messages name the ``--set stage.lr=…`` to use; ``settings``
+    (the stage's config as a dict) is stored in the checkpoint, and a resume lists what changed.
     """
     if n_steps < 0:
         raise ValueError(f"{desc}: n_steps must be >= 0, got {n_steps}")
+    if ckpt_every < 1 or log_every < 1:
+        raise ValueError(f"{desc}: ckpt_every and log_every must be >= 1, got {ckpt_every}, {log_every}")
     ckpt_path = Path(ckpt_path) if ckpt_path is not None else None
     history: list[dict[str, float]] = []
     start = 0
     resumed_from = None
+    if ckpt_path is not None:
+        remove_orphans(ckpt_path)  # temporary files of a run killed while it wrote a checkpoint
     if ckpt_path is not None and ckpt_path.exists():
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        except Exception as err:  # a truncated or foreign file: say which one
-            raise RuntimeError(f"{desc}: cannot read checkpoint {ckpt_path}: {err}") from err
-        saved = ckpt.get("state", {})
-        # a GradScaler's state may be absent or empty (written by a CPU run, or with amp off): a CPU
-        # checkpoint resumed on CUDA then starts from the initial scale instead of failing
-        missing = {n for n in set(state) - set(saved) if not isinstance(state[n], torch.amp.GradScaler)}
-        if missing:
-            raise KeyError(f"{desc}: checkpoint {ckpt_path} lacks {sorted(missing)}")
-        for name, obj in state.items():
-            if isinstance(obj, torch.amp.GradScaler) and not saved.get(name):
-                continue
-            obj.load_state_dict(saved[name])
-        _set_rng_state(ckpt["rng"])
-        history = list(ckpt["history"])
-        start = resumed_from = int(ckpt["step"])
+        start, history = _resume(ckpt_path, state, desc, settings)
+        resumed_from = start
 
     def save(step: int) -> None:
         if ckpt_path is None:
@@ -174,6 +352,14 @@ def train_loop(
             "rng": _rng_state(),
             "history": history,
         }
+        if settings is not None:
+            payload["settings"] = dict(settings)
+        bad = _non_finite(payload["state"])
+        if bad is not None:
+            raise NonFiniteStateError(
+                f"{desc}: after step {step} the state to be checkpointed is not finite ({bad} holds NaN or "
+                f"inf); it was not saved. {_advice(desc, ckpt_path, stage, _current_lr(state))}"
+            )
         atomic_torch_save(payload, ckpt_path)
 
     t0 = time.perf_counter()
@@ -189,9 +375,8 @@ def train_loop(
                 raise KeyError(f"{desc}: step_fn must return a 'loss' (got {sorted(out)})")
             if not math.isfinite(row["loss"]):
                 raise NonFiniteLossError(
-                    f"{desc}: loss is {row['loss']} at step {step}; the last finite checkpoint is "
-                    f"{ckpt_path if ckpt_path and ckpt_path.exists() else 'not saved'}. Lower the learning "
-                    "rate or check the inputs for NaN."
+                    f"{desc}: loss is {row['loss']} at step {step}. "
+                    f"{_advice(desc, ckpt_path, stage, _current_lr(state))}"
                 )
             history.append(row)
             bar.update(1)

@@ -23,6 +23,10 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+class DeviceError(ValueError):
+    """The requested device does not exist on this machine."""
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` → CUDA if available, else Apple MPS, else CPU. Anything else is passed to torch."""
     if isinstance(device, torch.device):
@@ -34,9 +38,22 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        out = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"device {device!r} is not a torch device (try 'auto', 'cpu' or 'cuda')") from err
+        raise DeviceError(f"device {device!r} is not a torch device (try 'auto', 'cpu' or 'cuda')") from err
+    if out.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"--device {device}: this machine has no usable CUDA GPU (torch {torch.__version__}, "
+                f"CUDA build {torch.version.cuda or 'none'}); use --device cpu or --device auto"
+            )
+        if out.index is not None and out.index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) exist (cuda:0 …)"
+            )
+    if out.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeviceError(f"--device {device}: Apple MPS is not available here; use --device cpu or auto")
+    return out
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -99,10 +116,7 @@ def write_metrics(notebook: str, metrics: dict[str, Any], directory: Path | None
     directory = Path(directory) if directory is not None else metrics_dir()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{notebook}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_jsonable(metrics), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(_jsonable(metrics), indent=2, sort_keys=True) + "\n")
 
 
 def read_metrics(notebook: str, directory: Path | None = None) -> dict[str, Any]:
@@ -135,10 +149,68 @@ def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def atomic_torch_save(obj: Any, path: Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename: a kill never leaves half a file."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # exists but belongs to someone else (or cannot tell): keep
+        return True
+    return True
+
+
+def remove_orphans(path: Path) -> list[Path]:
+    """Remove ``.{path.name}.tmp-<pid>`` files (and folders) next to ``path`` whose process is gone.
+
+    :func:`atomic_torch_save` writes there; a process killed mid-write (SIGKILL, power loss) leaves
+    its temporary file behind, and the next writer of the same file removes it. Returns what was removed.
+    """
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            if tmp.is_dir():
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters ``*?[`` escaped."""
+    import glob
+
+    return glob.escape(name)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename (no half-written file ever)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_torch_save(obj: Any, path: Path) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then rename: a kill never leaves half a file.
+
+    Temporary files of earlier writers of ``path`` that were killed mid-write are removed first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         torch.save(obj, tmp)

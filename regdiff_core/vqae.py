@@ -54,7 +54,7 @@ from monai.networks.nets import AutoEncoder
 from torch import nn
 
 from regdiff_core.config import Profile, VQAEConfig
-from regdiff_core.training import load_weights
+from regdiff_core.training import CheckpointError, load_weights, read_checkpoint
 
 #: Architecture fields: a saved model must match the profile in these to be loadable.
 _ARCH_FIELDS = ("spatial_dims", "channels", "strides", "codebook_size", "embed_dim")
@@ -320,7 +320,12 @@ def load_vqae(profile: Profile, work_dir: str | Path, device: torch.device | str
             f"no trained VQ-AE at {path}: run chapter 2 (notebooks/02_vqae.ipynb) or "
             f"`python -m regdiff_core train-vqae --profile {profile.name}` first"
         )
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = read_checkpoint(path, "VQ-AE model")
+    if not isinstance(saved, dict) or "state" not in saved:
+        raise CheckpointError(
+            f"{path} is not a VQ-AE model of this project (expected a dict with 'state' and 'config'); "
+            f"move it away and rerun `python -m regdiff_core train-vqae --profile {profile.name}`"
+        )
     cfg = profile.vqae
     stored = saved.get("config", {})
     mismatch = {
@@ -329,12 +334,12 @@ def load_vqae(profile: Profile, work_dir: str | Path, device: torch.device | str
         if f in stored and _as_tuple(stored[f]) != _as_tuple(getattr(cfg, f))
     }
     if mismatch:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} was trained with a different VQ-AE ({mismatch}, saved vs profile "
             f"{profile.name!r}); retrain with `train-vqae --profile {profile.name}`"
         )
     model = build_vqae(cfg)
-    load_weights(model, saved, key="model")
+    load_weights(model, saved, key="model", name=str(path))
     return model.to(device).eval()
 
 
@@ -374,8 +379,14 @@ def load_tokens(work_dir: str | Path) -> Tokens:
             f"no tokens at {path}: run chapter 2 (notebooks/02_vqae.ipynb) or "
             "`python -m regdiff_core encode --profile <profile>` first"
         )
-    d = torch.load(path, map_location="cpu", weights_only=True)
-    return Tokens(d["tokens"].long(), list(d["cases"]), tuple(d["grid"]), int(d["codebook_size"]))
+    d = read_checkpoint(path, "token file")
+    try:
+        return Tokens(d["tokens"].long(), list(d["cases"]), tuple(d["grid"]), int(d["codebook_size"]))
+    except (KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(
+            f"{path} is not a token file of this project ({type(err).__name__}: {err}); rerun "
+            "`python -m regdiff_core encode --profile <profile>` to write it again"
+        ) from err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -520,6 +531,8 @@ def train_vqae(
         history_csv=out_dir / "history.csv" if out_dir else None,
         desc="vqae",
         progress=progress,
+        stage="vqae",
+        settings=dataclasses.asdict(cfg),
     )
     model.eval()
     return VQAETrainResult(
