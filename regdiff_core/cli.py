@@ -5,6 +5,9 @@ through a ``register_cli(subparsers, common)`` function; this file only collects
 
 Common options (every stage): ``--profile``, ``--data-dir``, ``--work-dir``, ``--device``, ``--seed``
 and ``--set stage.field=value`` (repeatable) to override one profile value.
+
+A stage that fails for a reason the project knows (a bad setting, file, checkpoint or download, a
+diverged run, a missing device) prints ``error: <what and where, and what to do>`` and exits with 2.
 """
 
 from __future__ import annotations
@@ -86,8 +89,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile = profile_from_args(args)
     except ConfigError as err:
         parser.error(str(err))
-    result = args.func(args, profile)
+    try:
+        result = args.func(args, profile)
+    except project_errors() as err:  # a message that names the file or setting, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return int(result or 0)
+
+
+def project_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions whose message says what is wrong and what to do; the CLI prints them as ``error:``."""
+    from data_download import DownloadError
+    from regdiff_core.data import DataError
+    from regdiff_core.training import CheckpointError, NonFiniteLossError
+    from regdiff_core.utils import DeviceError
+
+    return (
+        ConfigError, DataError, DownloadError, CheckpointError, NonFiniteLossError, DeviceError,
+        FileNotFoundError,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ Hand-written where a library has it: the 3×3×3 dilation (:func:`dilate3`) is t
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -88,8 +87,8 @@ DATASETS: dict[str, DatasetLayout] = {
 #: The seed crops these cases along the last axis before padding (case → number of slices kept).
 SEED_CROP: dict[str, int] = {"035": 280}
 
-#: Increase when the cache layout changes; an older cache is then rebuilt.
-CACHE_FORMAT = 1
+#: Increase when the cache layout changes; an older cache is then rebuilt. (2: records its input files.)
+CACHE_FORMAT = 2
 
 SPLITS = ("train", "test")
 
@@ -232,8 +231,14 @@ def load_label_volume(path: str | Path) -> tuple[np.ndarray, tuple[float, float,
         raise FileNotFoundError(
             f"{path}: file not found (download it with `python -m regdiff_core prepare` or `python -m data_download`)"
         )
-    image = nib.load(str(path))
-    array = np.asanyarray(image.dataobj)  # native dtype; get_fdata() would make a float64 copy
+    try:
+        image = nib.load(str(path))
+        array = np.asanyarray(image.dataobj)  # native dtype; get_fdata() would make a float64 copy
+    except Exception as err:  # nibabel raises many kinds for a broken file (EOFError, gzip, ImageFileError)
+        raise DataError(
+            f"{path}: not a readable NIfTI file ({type(err).__name__}: {err}); it is truncated or not a "
+            "nii.gz. Delete it and run `python -m regdiff_core prepare` again to download it afresh."
+        ) from err
     if array.ndim != 3:
         raise DataError(f"{path}: expected a 3-D volume, got shape {array.shape}")
     _check_labels(array, path)
@@ -449,8 +454,39 @@ def prepared_path(work_dir: str | Path, split: str) -> Path:
     return Path(work_dir) / "prepared" / f"{split}.pt"
 
 
-def _cache_matches(path: Path, dataset: str, cases: Sequence[str], shape: Sequence[int]) -> bool:
-    """True when ``path`` holds this split, prepared from ``dataset``/``cases`` at ``shape``."""
+def input_record(paths: Sequence[Path], root: Path) -> dict[str, list]:
+    """``{path relative to root: [size, mtime_ns, sha256]}`` of the files a split is prepared from."""
+    from data_download import file_hash
+
+    out = {}
+    for path in paths:
+        st = path.stat()
+        out[path.relative_to(root).as_posix()] = [st.st_size, st.st_mtime_ns, file_hash(path)]
+    return out
+
+
+def _inputs_unchanged(recorded: dict[str, list], root: Path) -> bool:
+    """True unless a recorded input file exists with other content. Size and mtime unchanged → unchanged
+    (no hashing); otherwise the sha256 decides. A missing file says nothing (a cleaned data folder)."""
+    from data_download import file_hash
+
+    for rel, (size, mtime_ns, sha) in recorded.items():
+        path = root / rel
+        if not path.is_file():
+            continue
+        st = path.stat()
+        if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+            continue
+        if st.st_size != size or file_hash(path) != sha:
+            return False
+    return True
+
+
+def _cache_matches(
+    path: Path, dataset: str, cases: Sequence[str], shape: Sequence[int], data_root: Path | None = None
+) -> bool:
+    """True when ``path`` holds this split, prepared from ``dataset``/``cases`` at ``shape`` and from input
+    files (under ``data_root``, the dataset's folder) that have not changed since."""
     if not path.is_file():
         return False
     try:  # mmap: only the small metadata is read, not the volumes
@@ -458,10 +494,12 @@ def _cache_matches(path: Path, dataset: str, cases: Sequence[str], shape: Sequen
     except Exception:  # an unreadable cache is rebuilt, not trusted
         return False
     return (
-        cached.get("format") == CACHE_FORMAT
+        isinstance(cached, dict)
+        and cached.get("format") == CACHE_FORMAT
         and cached.get("dataset") == dataset
         and list(cached.get("cases", [])) == list(cases)
         and tuple(cached.get("shape", ())) == tuple(shape)
+        and (data_root is None or _inputs_unchanged(cached.get("inputs", {}), data_root))
     )
 
 
@@ -561,14 +599,15 @@ def prepare(
         dataset, _, cases, dilate = split_spec(profile, split)
         cases_of[split] = list(cases)
         path = prepared_path(work_dir, split)
-        if _cache_matches(path, dataset, cases, shape):
+        if _cache_matches(path, dataset, cases, shape, data_dir / dataset):
             cached.append(split)
             continue
         files = download_pairs(
             dataset, data_dir, cases, base_url=base_url, progress=progress, desc=f"download {split}"
         )
         result = prepare_split(files, shape, dilate=dilate, progress=progress, desc=f"prepare {split}")
-        result.update(format=CACHE_FORMAT, dataset=dataset, split=split)
+        inputs = input_record([p for _, f, m in files for p in (f, m)], data_dir / dataset)
+        result.update(format=CACHE_FORMAT, dataset=dataset, split=split, inputs=inputs)
         utils.atomic_torch_save(result, path)
     if not (data_dir / RELEASE / LANDMARKS_FILE).is_file():  # test split cached, but a fresh data_dir
         download_pairs(RELEASE, data_dir, cases_of["test"][:1], base_url=base_url, progress=False)
@@ -597,7 +636,7 @@ def load_pairs(profile, work_dir: str | Path, split: str) -> PairSet:
             f"{path}: no prepared {split} pairs; run chapter 1 (notebooks/01_data_preparation.ipynb) "
             f"or `python -m regdiff_core prepare --profile {profile.name}`"
         )
-    cached = torch.load(path, map_location="cpu", weights_only=True)
+    cached = _read_prepared(path, profile)
     dataset, _, cases, _ = split_spec(profile, split)
     shape = tuple(int(s) for s in profile.data.shape)
     if (
@@ -620,10 +659,26 @@ def load_pairs(profile, work_dir: str | Path, split: str) -> PairSet:
     )
 
 
+def _read_prepared(path: Path, profile=None, mmap: bool = False) -> dict[str, Any]:
+    """``torch.load`` of a prepared split; a damaged file is a :class:`DataError` naming it."""
+    rerun = f"`python -m regdiff_core prepare --profile {profile.name if profile else '<profile>'}`"
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # truncated, or not a torch file
+        raise DataError(
+            f"{path}: cannot read the prepared pairs ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            f"the file is damaged. Run {rerun} (or chapter 1) to rebuild it."
+        ) from err
+    keys = ("cases", "fixed", "moving", "spacing", "shape", "canonical_fraction")
+    if not isinstance(cached, dict) or any(k not in cached for k in keys):
+        raise DataError(f"{path}: not a prepared split of this project (expected keys {keys}); run {rerun}")
+    return cached
+
+
 def load_canonical_fraction(work_dir: str | Path, split: str) -> torch.Tensor:
     """Vessel volume fraction of each prepared pair in the canonical frame, ``(N, 2)`` (fixed, moving)."""
     path = prepared_path(work_dir, split)
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["canonical_fraction"].clone()
+    return _read_prepared(path, mmap=True)["canonical_fraction"].clone()
 
 
 def load_landmarks(profile, data_dir: str | Path, cases: Sequence[str] | None = None) -> Landmarks:
@@ -642,7 +697,13 @@ def load_landmarks(profile, data_dir: str | Path, cases: Sequence[str] | None = 
         raise FileNotFoundError(
             f"{path}: landmark file not found; run chapter 1 or `python -m regdiff_core prepare --profile {profile.name}`"
         )
-    stored = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise DataError(
+            f"{path}: cannot read the landmarks ({type(err).__name__}); the file is damaged. Delete it and run "
+            f"`python -m regdiff_core prepare --profile {profile.name}` to download it again."
+        ) from err
     if (
         not isinstance(stored, list | tuple)
         or len(stored) != 2
@@ -739,15 +800,10 @@ def register_cli(subparsers, common) -> None:
 
 
 def _cli_prepare(args, profile) -> int:
-    from data_download import DownloadError
-
-    try:
-        result = prepare(
-            profile, args.data_dir, args.work_dir, base_url=args.base_url, progress=not args.no_progress
-        )
-    except (DataError, FileNotFoundError, DownloadError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    # DataError, FileNotFoundError and DownloadError become "error: …" and exit status 2 in cli.main
+    result = prepare(
+        profile, args.data_dir, args.work_dir, base_url=args.base_url, progress=not args.no_progress
+    )
     for split, path, n in (
         ("train", result.train_path, result.n_train),
         ("test", result.test_path, result.n_test),

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -177,10 +179,12 @@ def export_pair(
     return paths
 
 
-def _clear(out_dir: Path) -> None:
-    """Remove earlier synthetic pairs (only files this module names) so a smaller run leaves no extras."""
+def _clear(out_dir: Path, keep: set[str] = frozenset()) -> None:
+    """Remove earlier synthetic pairs (only files this module names, except ``keep``) so a smaller run
+    leaves no extras."""
     for path in list(out_dir.glob(f"{PREFIX}*.npz")) + list(out_dir.glob(f"{PREFIX}*.nii.gz")):
-        path.unlink()
+        if path.name not in keep:
+            path.unlink()
 
 
 class SampleReport(NamedTuple):
@@ -212,10 +216,12 @@ def sample_to_disk(
     """Sample ``n`` (default ``profile.sampling.n_pairs``) pairs batch by batch and export each one.
 
     Keeps only one batch in memory, so 256 full-size pairs fit anywhere. ``out_dir`` defaults to
-    ``work_dir/synthetic`` (where :func:`load_synthetic` looks); earlier ``synth_*`` files there are removed.
+    ``work_dir/synthetic`` (where :func:`load_synthetic` looks). The new pairs are written to a temporary
+    folder inside it and replace the earlier ``synth_*`` files only once all of them are complete: a
+    failed or interrupted run leaves the previous pairs as they were.
     """
-    from tqdm.auto import tqdm
-
+    from regdiff_core.config import ConfigError
+    from regdiff_core.utils import atomic_write_text, remove_orphans
     from regdiff_core.vqae import load_vqae
 
     cfg = profile.sampling
@@ -223,10 +229,41 @@ def sample_to_disk(
     n = cfg.n_pairs if n is None else int(n)
     nifti = cfg.export_nifti if nifti is None else nifti
     out_dir = Path(out_dir) if out_dir is not None else work_dir / SYNTHETIC_DIR
+    if n < 1:
+        raise ConfigError(
+            f"sample: the number of pairs (--n) must be >= 1, got {n}; {out_dir} was not changed"
+        )
     denoiser = denoiser if denoiser is not None else load_denoiser(work_dir, device)
     vqae = vqae if vqae is not None else load_vqae(profile, work_dir, device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _clear(out_dir)
+    remove_orphans(out_dir / "staging")  # the temporary folder of a run that was killed
+    staging = out_dir / f".staging.tmp-{os.getpid()}"
+    try:
+        report = _sample_into(staging, profile, denoiser, vqae, n, seed=seed, nifti=nifti, progress=progress)
+        names = {f.name for f in staging.iterdir()}
+        for f in sorted(staging.iterdir()):  # complete: now replace the earlier pairs
+            os.replace(f, out_dir / f.name)
+        _clear(out_dir, keep=names)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report = report._replace(out_dir=out_dir)
+    manifest = {
+        "profile": profile.name, "n": n, "steps": cfg.steps, "temperature": cfg.temperature, "seed": seed,
+        "shape": list(profile.data.shape), "device": str(device), "nifti": nifti,
+        "seconds_per_pair": report.seconds_per_pair, "network_calls": report.network_calls,
+    }  # fmt: skip
+    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return report
+
+
+def _sample_into(
+    out_dir: Path, profile: Profile, denoiser, vqae, n: int, *, seed: int, nifti: bool, progress: bool
+) -> SampleReport:
+    """Sample and export ``n`` pairs into the (new) folder ``out_dir``, one batch at a time."""
+    from tqdm.auto import tqdm
+
+    cfg = profile.sampling
+    out_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     amp = profile.diffusion.amp
     totals = {"tokens": 0.0, "decode": 0.0, "export": 0.0, "calls": 0}
@@ -252,12 +289,6 @@ def sample_to_disk(
         seconds_tokens=totals["tokens"], seconds_decode=totals["decode"], seconds_export=totals["export"],
         network_calls=int(totals["calls"]),
     )  # fmt: skip
-    manifest = {
-        "profile": profile.name, "n": n, "steps": cfg.steps, "temperature": cfg.temperature, "seed": seed,
-        "shape": list(profile.data.shape), "device": str(device), "nifti": nifti,
-        "seconds_per_pair": report.seconds_per_pair, "network_calls": report.network_calls,
-    }  # fmt: skip
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return report
 
 
