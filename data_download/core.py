@@ -9,20 +9,27 @@ and, for Lung250M-4B, whose files have no published checksums, a content check p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pooch
 import requests
+import urllib3
 
 #: How often pooch retries a failed download (it waits 1 s, 2 s, ... between tries).
 RETRIES = 3
+#: Seconds without a byte from the server before a download counts as stalled (requests' read timeout).
+TIMEOUT = 60
+#: The names :mod:`tempfile` gives pooch's temporary downloads ("tmp" + 8 characters).
+_POOCH_TMP = re.compile(r"^tmp[a-z0-9_]{8}$")
 
 UNLEASHING_COMMIT = "cd1fce1ca3214fc731d72cbd7d7cfb89f8d808c5"
 UNLEASHING_URL = (
@@ -234,12 +241,61 @@ def fetch(
     """Download the selected files of ``dataset`` to ``dest`` (upstream paths kept); return their paths.
 
     Files already in ``dest`` whose checksum matches are not downloaded again; a local file that does not
-    match is replaced. ``base_url`` (else ``$REGDIFF_DATA_URL`` / ``$REGDIFF_LUNG250M_URL``) names a
-    mirror. Raises :class:`DownloadError` (or a subclass) with a message saying what went wrong.
+    match is replaced. A local Lung250M-4B file without a recorded checksum is kept and checked by content
+    with its partner (then recorded) instead of being downloaded again. ``base_url`` (else
+    ``$REGDIFF_DATA_URL`` / ``$REGDIFF_LUNG250M_URL``) names a mirror. Raises :class:`DownloadError` (or a
+    subclass) with a message saying what went wrong.
+
+    While it runs, ``fetch`` holds a lock on ``dest`` (the file ``.<dest name>.lock`` next to it): a second
+    ``fetch`` into the same folder waits for the first, then finds its files. Temporary files left there
+    by a download that was killed are removed.
     """
     ds = get_dataset(dataset)
     entries = ds.select(cases, networks)
     dest = Path(dest).expanduser()
+    with _locked(dest):
+        _remove_stale_temporaries(dest, entries)
+        return _fetch_locked(ds, entries, dest, base_url, progress)
+
+
+@contextlib.contextmanager
+def _locked(dest: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``dest``'s lock file (POSIX; elsewhere no lock is taken)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        yield
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    lock = dest.parent / f".{dest.name}.lock"
+    with lock.open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another download into {dest} to finish (it holds {lock}) …", file=sys.stderr)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _remove_stale_temporaries(dest: Path, entries: Sequence[FileEntry]) -> None:
+    """Remove pooch's temporary files (``tmpXXXXXXXX``) and our record's ``.tmp`` in the folders of
+    ``entries``: with the lock held, no other download is writing them, so they are leftovers of a kill."""
+    folders = {dest} | {(dest / e.path).parent for e in entries}
+    for folder in sorted(folders):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if path.is_file() and (_POOCH_TMP.match(path.name) or path.suffix == ".tmp"):
+                log.warning("%s: removing a temporary file left by an interrupted download", path)
+                path.unlink(missing_ok=True)
+
+
+def _fetch_locked(
+    ds: Dataset, entries: list[FileEntry], dest: Path, base_url: str | None, progress: bool
+) -> list[Path]:
     base_url = base_url or os.environ.get(ds.env_var) or None
     record_path = dest / ds.record if ds.record else None
     record = (
@@ -274,16 +330,13 @@ def _fetch_one(store: pooch.Pooch, ds: Dataset, entry: FileEntry, dest: Path, pr
     """Fetch one file through pooch, turning pooch's and requests' exceptions into ours."""
     path = dest / entry.path
     kind, _, expected = (entry.hash or "").partition(":")
-    # A local file that fails its check (or has none to pass) is removed first, so that a failed
-    # download cannot leave it in place under its final name.
-    if path.exists() and (not expected or file_hash(path, kind) != expected):
-        log.warning(
-            "%s: %s, downloading it again",
-            path,
-            "no recorded checksum" if not expected else "checksum mismatch",
-        )
+    # A local file that fails its checksum is removed first, so that a failed download cannot leave it in
+    # place under its final name. One without a checksum to check (Lung250M-4B, not yet recorded) is kept:
+    # pooch leaves an existing file alone, and fetch() checks it by content with its partner and records it.
+    if path.exists() and expected and file_hash(path, kind) != expected:
+        log.warning("%s: checksum mismatch, downloading it again", path)
         path.unlink()
-    downloader = pooch.HTTPDownloader(progressbar=progress)
+    downloader = pooch.HTTPDownloader(progressbar=progress, timeout=TIMEOUT)
     if kind == "git-blob":
         downloader = _git_blob_checked(downloader, entry.path, expected)
     url = store.get_url(entry.path)
@@ -295,7 +348,13 @@ def _fetch_one(store: pooch.Pooch, ds: Dataset, entry: FileEntry, dest: Path, pr
         match = re.search(r"expected (\S+) but got (\S+?)\.", str(err))
         actual = match.group(2) if match else "unknown"
         raise ChecksumError(entry.path, kind, expected, actual) from err
-    except requests.exceptions.ConnectionError as err:
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as err:
+        if not _unreachable(err):  # the server answered, then sent nothing for TIMEOUT s (or broke off)
+            raise DownloadError(
+                f"download of {entry.path} from {url} stalled: {urlsplit(url).netloc} answered but sent no "
+                f"data for {TIMEOUT} s ({_reason(err)}); nothing was kept, run again (a slow server or "
+                "network; a mirror may help)"
+            ) from err
         raise DownloadError(
             f"cannot reach {urlsplit(url).netloc} to download {entry.path} (offline?). To use a mirror, set "
             f"{ds.env_var}=<URL> or pass --base-url URL (base_url=... in Python); "
@@ -309,6 +368,23 @@ def _fetch_one(store: pooch.Pooch, ds: Dataset, entry: FileEntry, dest: Path, pr
         raise DownloadError(
             f"download of {entry.path} from {url} was interrupted ({err}); nothing was kept, run again"
         ) from err
+
+
+def _reason(err: BaseException) -> str:
+    reason = err.args[0] if err.args else err
+    return str(getattr(reason, "reason", reason))
+
+
+def _unreachable(err: BaseException) -> bool:
+    """True when no connection to the server could be made (refused, no route, DNS, connect timeout);
+    False when it was connected and the transfer stalled or broke off."""
+    if isinstance(err, requests.exceptions.ConnectTimeout):
+        return True
+    if isinstance(err, requests.exceptions.Timeout):  # a read timeout: connected, no answer in time
+        return False
+    reason = err.args[0] if err.args else None
+    reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError wraps the cause
+    return not isinstance(reason, urllib3.exceptions.ReadTimeoutError | urllib3.exceptions.ProtocolError)
 
 
 def _git_blob_checked(downloader, path: str, expected: str):

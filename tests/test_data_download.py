@@ -329,8 +329,10 @@ def test_lung250m_interrupted_run_keeps_the_pairs_it_checked(share, tmp_path):
         rec.actions.clear()
         rec.requests.clear()
         data_download.fetch("lung250m-4b", tmp_path, cases=["000", "001"], base_url=url, progress=False)
-        # case_001_1 arrived before the cut but was never checked: fetched again
-        assert rec.requests == ["segTr/case_001_1.nii.gz", "segTr/case_001_2.nii.gz"]
+        # case_001_1 arrived (complete) before the cut but was never checked: kept, only its partner is
+        # fetched, and the pair is checked by content and recorded
+        assert rec.requests == ["segTr/case_001_2.nii.gz"]
+        assert "case_001_1" in (tmp_path / "lung250m-4b.sha256").read_text()
 
 
 @pytest.mark.parametrize("problem", ["labels", "shapes", "not-nifti"])
