@@ -51,9 +51,9 @@ class CheckpointError(RuntimeError, ValueError):
     raised before this class existed.)"""
 
 
-def read_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
-    """``torch.load(path)`` on the CPU, with a :class:`CheckpointError` naming the file when it is missing,
-    truncated or not a torch file."""
+def read_checkpoint(path: str | Path, what: str = "checkpoint", advice: str | None = None) -> Any:
+    """``torch.load(path)`` on the CPU, with a :class:`CheckpointError` naming the file (and ending in
+    ``advice``) when it is truncated or not a torch file; ``FileNotFoundError`` when it is missing."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
@@ -62,7 +62,7 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
     except Exception as err:  # truncated zip, pickle of something else, a text file ...
         raise CheckpointError(
             f"cannot read {what} {path} ({type(err).__name__}: {_first_line(err)}): the file is damaged or "
-            "not a torch file. Move it away (or delete it) and run the stage that writes it again."
+            f"not a torch file. {advice or 'Move it away (or delete it) and run the stage that writes it again.'}"
         ) from err
 
 
@@ -257,7 +257,7 @@ def _resume(
 ) -> tuple[int, list[dict[str, float]]]:
     """Load ``ckpt_path`` into ``state`` and the RNGs; return (its step, its history)."""
     again = f"Move it away (or delete it) to train {desc} from scratch."
-    ckpt = read_checkpoint(ckpt_path, f"{desc} checkpoint")
+    ckpt = read_checkpoint(ckpt_path, f"{desc} checkpoint", again)
     if not isinstance(ckpt, Mapping) or any(k not in ckpt for k in _CKPT_KEYS):
         found = sorted(ckpt) if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise CheckpointError(
