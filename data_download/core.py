@@ -284,11 +284,12 @@ def _remove_stale_temporaries(dest: Path, entries: Sequence[FileEntry]) -> None:
     """Remove pooch's temporary files (``tmpXXXXXXXX``) and our record's ``.tmp`` in the folders of
     ``entries``: with the lock held, no other download is writing them, so they are leftovers of a kill."""
     folders = {dest} | {(dest / e.path).parent for e in entries}
+    records = {Path(d.record).with_suffix(".tmp").name for d in DATASETS.values() if d.record}
     for folder in sorted(folders):
         if not folder.is_dir():
             continue
         for path in folder.iterdir():
-            if path.is_file() and (_POOCH_TMP.match(path.name) or path.suffix == ".tmp"):
+            if path.is_file() and (_POOCH_TMP.match(path.name) or path.name in records):
                 log.warning("%s: removing a temporary file left by an interrupted download", path)
                 path.unlink(missing_ok=True)
 
@@ -349,11 +350,16 @@ def _fetch_one(store: pooch.Pooch, ds: Dataset, entry: FileEntry, dest: Path, pr
         actual = match.group(2) if match else "unknown"
         raise ChecksumError(entry.path, kind, expected, actual) from err
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as err:
-        if not _unreachable(err):  # the server answered, then sent nothing for TIMEOUT s (or broke off)
+        if _stalled(err):  # the server answered, then sent nothing for TIMEOUT s
             raise DownloadError(
                 f"download of {entry.path} from {url} stalled: {urlsplit(url).netloc} answered but sent no "
                 f"data for {TIMEOUT} s ({_reason(err)}); nothing was kept, run again (a slow server or "
                 "network; a mirror may help)"
+            ) from err
+        if not _unreachable(err):  # connected, then the connection broke off
+            raise DownloadError(
+                f"download of {entry.path} from {url} was interrupted: the connection to "
+                f"{urlsplit(url).netloc} broke off ({_reason(err)}); nothing was kept, run again"
             ) from err
         raise DownloadError(
             f"cannot reach {urlsplit(url).netloc} to download {entry.path} (offline?). To use a mirror, set "
@@ -373,6 +379,16 @@ def _fetch_one(store: pooch.Pooch, ds: Dataset, entry: FileEntry, dest: Path, pr
 def _reason(err: BaseException) -> str:
     reason = err.args[0] if err.args else err
     return str(getattr(reason, "reason", reason))
+
+
+def _stalled(err: BaseException) -> bool:
+    """True for a read timeout: connected, then no data for ``TIMEOUT`` seconds."""
+    if isinstance(err, requests.exceptions.ConnectTimeout):
+        return False
+    if isinstance(err, requests.exceptions.Timeout):
+        return True
+    reason = err.args[0] if err.args else None
+    return isinstance(getattr(reason, "reason", reason), urllib3.exceptions.ReadTimeoutError)
 
 
 def _unreachable(err: BaseException) -> bool:

@@ -234,7 +234,10 @@ def _advice(desc: str, ckpt_path: Path | None, stage: str | None, lr: float | No
         f"--set {stage}.lr=<a value below {lr:g}>" if stage and lr is not None else "a lower learning rate"
     )
     if ckpt_path is not None and ckpt_path.exists():
-        step = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("step", "?")
+        try:
+            step = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("step", "?")
+        except Exception:  # the advice must not fail on the file it names
+            step = "?"
         return (
             f"The last finite checkpoint {ckpt_path} (step {step}) is kept. To start afresh, delete (or move) "
             f"{ckpt_path} and rerun with {lower}. To continue from it instead, rerun with {lower} "
