@@ -412,7 +412,9 @@ def load_denoiser(
             f"no denoiser at {path}: run chapter 3 (notebooks/03_absorbing_diffusion.ipynb) or "
             "`python -m regdiff_core train-diffusion --profile <P> --work-dir <W>` first"
         )
-    payload = read_checkpoint(path, "denoiser")
+    payload = read_checkpoint(
+        path, "denoiser", "Move it away and rerun chapter 3 or `python -m regdiff_core train-diffusion`."
+    )
     try:
         cfg = DiffusionConfig(**payload["config"])
         denoiser = build_denoiser(cfg, payload["codebook_size"], tuple(payload["grid"]))

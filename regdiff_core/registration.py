@@ -620,7 +620,9 @@ def load_registration(
             )
     if not path.exists():
         raise FileNotFoundError(f"registration checkpoint {path} does not exist")
-    payload = read_checkpoint(path, "registration model")
+    payload = read_checkpoint(
+        path, "registration model", "Move it away and rerun `python -m regdiff_core train-registration`."
+    )
     if isinstance(payload, dict) and "nets" in payload:
         cfg = RegistrationConfig(**_tuples(payload["config"]))
         states, dims, n_pairs = payload["nets"], payload.get("spatial_dims", 3), payload.get("n_pairs")

@@ -67,8 +67,13 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint", advice: str | No
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else repr(err)
+    """The gist of an error in one line: its first line, and the next one when the first only introduces
+    it (``Error(s) in loading state_dict for X:`` → the first size mismatch), at most 300 characters."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return repr(err)
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 @dataclass
@@ -259,13 +264,13 @@ def _resume(
     ckpt_path: Path, state: Mapping[str, Any], desc: str, settings: Mapping[str, Any] | None
 ) -> tuple[int, list[dict[str, float]]]:
     """Load ``ckpt_path`` into ``state`` and the RNGs; return (its step, its history)."""
-    again = f"Move it away (or delete it) to train {desc} from scratch."
-    ckpt = read_checkpoint(ckpt_path, f"{desc} checkpoint", again)
+    again = f"move it away (or delete it) to train {desc} from scratch."
+    ckpt = read_checkpoint(ckpt_path, f"{desc} checkpoint", again.capitalize())
     if not isinstance(ckpt, Mapping) or any(k not in ckpt for k in _CKPT_KEYS):
         found = sorted(ckpt) if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise CheckpointError(
             f"{desc}: {ckpt_path} is not a training checkpoint (expected a dict with "
-            f"{', '.join(_CKPT_KEYS)}; found {found}). {again}"
+            f"{', '.join(_CKPT_KEYS)}; found {found}). {again.capitalize()}"
         )
     saved = ckpt["state"]
     # a GradScaler's state may be absent or empty (written by a CPU run, or with amp off): a CPU
@@ -273,7 +278,8 @@ def _resume(
     missing = {n for n in set(state) - set(saved) if not isinstance(state[n], torch.amp.GradScaler)}
     if missing:
         raise CheckpointError(
-            f"{desc}: checkpoint {ckpt_path} lacks {sorted(missing)} (it holds {sorted(saved)}). {again}"
+            f"{desc}: checkpoint {ckpt_path} lacks {sorted(missing)} (it holds {sorted(saved)}). "
+            f"{again.capitalize()}"
         )
     fresh = {name: _base_lrs(opt) for name, opt in _optimisers(state).items()}
     for name, obj in state.items():
@@ -285,7 +291,7 @@ def _resume(
             raise CheckpointError(
                 f"{desc}: checkpoint {ckpt_path} does not fit this run's {name!r} ({type(err).__name__}: "
                 f"{_first_line(err)}): it was written with other settings or another architecture. Use "
-                f"the settings it was trained with, or: {again}"
+                f"the settings it was trained with, or {again}"
             ) from err
     try:
         _set_rng_state(ckpt["rng"])
@@ -293,7 +299,7 @@ def _resume(
         step = int(ckpt["step"])
     except Exception as err:
         raise CheckpointError(
-            f"{desc}: checkpoint {ckpt_path} is damaged ({_first_line(err)}). {again}"
+            f"{desc}: checkpoint {ckpt_path} is damaged ({_first_line(err)}). {again.capitalize()}"
         ) from err
     changes = _apply_new_lr(state, fresh)
     old_settings = ckpt.get("settings")

@@ -320,7 +320,8 @@ def load_vqae(profile: Profile, work_dir: str | Path, device: torch.device | str
             f"no trained VQ-AE at {path}: run chapter 2 (notebooks/02_vqae.ipynb) or "
             f"`python -m regdiff_core train-vqae --profile {profile.name}` first"
         )
-    saved = read_checkpoint(path, "VQ-AE model")
+    retrain = f"Move it away and rerun `python -m regdiff_core train-vqae --profile {profile.name}`."
+    saved = read_checkpoint(path, "VQ-AE model", retrain)
     if not isinstance(saved, dict) or "state" not in saved:
         raise CheckpointError(
             f"{path} is not a VQ-AE model of this project (expected a dict with 'state' and 'config'); "
