@@ -455,6 +455,28 @@ def plot_tre_boxes(ax, evaluations: dict[str, Evaluation], initial: torch.Tensor
     ax.grid(axis="y", alpha=0.3)
 
 
+def plot_claim(
+    axes, ours: dict[str, float], paper: dict[str, float], initial: tuple[float, float],
+    titles: tuple[str, str] = ("this run", "the paper"),
+) -> None:  # fmt: skip
+    """The network column of this run (``axes[0]``) and of the paper (``axes[1]``) as bars, best regime first.
+
+    ``ours``/``paper``: regime → mean TRE (mm); ``initial``: (ours, paper) TRE before registration, drawn as a
+    dashed line. Each panel keeps its own scale: the point is the order of the bars, not their height.
+    """
+    for ax, values, before, title in zip(axes, (ours, paper), initial, titles):
+        names = sorted(values, key=values.get)
+        colors = [f"C{list(REGIME_LABELS).index(n)}" if n in REGIME_LABELS else "C7" for n in names]
+        ax.bar(range(len(names)), [values[n] for n in names], color=colors)
+        for i, n in enumerate(names):
+            ax.text(i, values[n], f"{values[n]:.2f}", ha="center", va="bottom", fontsize=10)
+        ax.axhline(before, color="k", ls="--", lw=1)
+        ax.text(len(names) - 0.5, before, f"initial {before:.2f}", ha="right", va="bottom", fontsize=10)
+        ax.set_xticks(range(len(names)), [n.replace("_plus_", "+\n") for n in names], fontsize=10)
+        ax.set_ylim(0, before * 1.12)
+        ax.set(ylabel="mean TRE, network alone (mm)", title=title)
+
+
 def evaluation_sentence(summaries: dict[str, dict[str, Any]], tre_initial: float) -> str:
     """A plain sentence built from the numbers: which regime is best, whether TTA helps, and the caveat."""
     parts = []
@@ -472,6 +494,54 @@ def evaluation_sentence(summaries: dict[str, dict[str, Any]], tre_initial: float
             f"best '{best_tta}' at {tta[best_tta]:.2f} mm"
         )
     return "".join(parts) + "."
+
+
+#: The paper's claim as orderings of the network column (mean TRE, lower is better): (better, worse).
+PAPER_ORDERING: tuple[tuple[str, str], ...] = (
+    ("real_all", "synthetic"),
+    ("synthetic", "real_few"),
+    ("synthetic_plus_few", "real_few"),
+)
+
+
+class Ordering(NamedTuple):
+    """Which of the paper's orderings (:data:`PAPER_ORDERING`) a run shows for one column (``key``)."""
+
+    key: str
+    holds: dict[str, bool]  # "real_all < synthetic" → True/False, for every pair both regimes of which ran
+    all_hold: bool
+    sentence: str
+
+
+def paper_ordering(summaries: dict[str, dict[str, Any]], key: str = "tre_net") -> Ordering:
+    """Check the paper's claim on this run: real_all < synthetic < real_few and synthetic+few < real_few.
+
+    ``summaries``: regime → :meth:`Evaluation.summary`; ``key``: ``"tre_net"`` (the network column, where
+    the paper states its claim) or ``"tre_tta"``. The sentence names every comparison with its numbers.
+    """
+    holds: dict[str, bool] = {}
+    phrases = []
+    for better, worse in PAPER_ORDERING:
+        if better not in summaries or worse not in summaries:
+            continue
+        a, b = summaries[better].get(key), summaries[worse].get(key)
+        if a is None or b is None:
+            continue
+        ok = a < b
+        holds[f"{better} < {worse}"] = ok
+        phrases.append(f"{better} {a:.2f} {'<' if ok else '≥'} {worse} {b:.2f} mm")
+    all_hold = bool(holds) and all(holds.values())
+    column = "network" if key == "tre_net" else "after test-time adaptation"
+    if not holds:
+        sentence = f"The regimes needed to check the paper's ordering ({column}) were not run."
+    else:
+        verdict = (
+            "in the paper's order"
+            if all_hold
+            else f"not in the paper's order ({sum(holds.values())} of {len(holds)} comparisons hold)"
+        )
+        sentence = f"Column '{column}': " + "; ".join(phrases) + f" — {verdict}."
+    return Ordering(key, holds, all_hold, sentence)
 
 
 # --------------------------------------------------------------------------------------------------

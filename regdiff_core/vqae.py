@@ -443,6 +443,60 @@ def dice(pred: torch.Tensor, target: torch.Tensor, dims: tuple[int, ...] | None 
     return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total)).float()
 
 
+class MotionKept(NamedTuple):
+    """How much of the breathing motion between fixed and moving a reconstruction keeps (per pair, (N,)).
+
+    ``pair_inputs`` / ``pair_recon``: Dice(fixed, moving) of the inputs and of the thresholded
+    reconstructions — higher for the reconstructions means they look more alike than the scans do.
+    ``contrast_inputs`` = 1 − ``pair_inputs`` and ``contrast_recon`` = ½[Dice(f̂, f) − Dice(f̂, m)] +
+    ½[Dice(m̂, m) − Dice(m̂, f)]: how much more each reconstructed volume looks like its own input than
+    like the other scan of the pair. A perfect copy scores ``contrast_inputs``; a VQ-AE that decodes the
+    same average for both scans scores 0. ``kept`` = the ratio of the two means.
+    """
+
+    pair_inputs: torch.Tensor
+    pair_recon: torch.Tensor
+    contrast_inputs: torch.Tensor
+    contrast_recon: torch.Tensor
+
+    @property
+    def kept(self) -> float:
+        return float(self.contrast_recon.mean() / self.contrast_inputs.mean().clamp(min=1e-12))
+
+
+def motion_kept(x: torch.Tensor, probs: torch.Tensor, threshold: float = 0.5) -> MotionKept:
+    """``x``: (N, 2, *shape) input masks (fixed, moving); ``probs``: (N, 2, *shape) decoded P(vessel)."""
+    dims = tuple(range(1, x.ndim - 1))
+    f, m = x[:, 0].bool(), x[:, 1].bool()
+    f_hat, m_hat = probs[:, 0] > threshold, probs[:, 1] > threshold
+    pair_in, pair_rec = dice(f, m, dims), dice(f_hat, m_hat, dims)
+    # ½[Dice(f̂, f) − Dice(f̂, m)] + ½[Dice(m̂, m) − Dice(m̂, f)]
+    contrast = 0.5 * (dice(f_hat, f, dims) - dice(f_hat, m, dims)) + 0.5 * (
+        dice(m_hat, m, dims) - dice(m_hat, f, dims)
+    )
+    return MotionKept(pair_in, pair_rec, 1 - pair_in, contrast)
+
+
+def plot_motion_kept(cases, kept: MotionKept, ax=None):
+    """Per pair: Dice(fixed, moving) of inputs and reconstructions, and the motion contrast of both."""
+    import matplotlib.pyplot as plt
+
+    axes = ax if ax is not None else plt.subplots(1, 2, figsize=(11, 3.4))[1]
+    idx = torch.arange(len(cases))
+    for a, (vin, vrec), title in zip(
+        axes,
+        ((kept.pair_inputs, kept.pair_recon), (kept.contrast_inputs, kept.contrast_recon)),
+        ("Dice(fixed, moving): higher = more alike", "motion contrast: 0 = motion lost"),
+    ):
+        a.bar(idx - 0.2, vin, 0.4, label="inputs", color="C0")
+        a.bar(idx + 0.2, vrec, 0.4, label="reconstructions", color="C1")
+        a.set_xticks(idx, list(cases), rotation=90 if len(cases) > 8 else 0, fontsize=9)
+        a.set_ylim(0, 1)
+        a.set_title(title)
+    axes[0].legend(loc="lower right", fontsize=9)
+    return axes
+
+
 @dataclasses.dataclass
 class VQAETrainResult:
     """``history``: one dict per step (loss, ce, codebook_loss, dice, lr; on logging steps also

@@ -221,3 +221,29 @@ def test_cli_trains_and_evaluates_a_regime(prepared_ci, tmp_path):
     result = json.loads(out.read_text())
     assert result["tta_iterations"] == 1 and len(result["per_case"]) == 6
     assert result["summary"]["tre_tta"] is not None and result["summary"]["n_landmarks"] > 1000
+
+
+def test_paper_ordering_checks_each_comparison_of_the_claim():
+    # the paper's network column: 4.01 (97 real) < 7.27 (synthetic) < 10.98 (10 real)
+    paper_like = {
+        "real_all": {"tre_net": 4.01},
+        "real_few": {"tre_net": 10.98},
+        "synthetic": {"tre_net": 7.27},
+        "synthetic_plus_few": {"tre_net": 6.5},
+    }
+    o = M.paper_ordering(paper_like)
+    assert o.all_hold and o.holds == {
+        "real_all < synthetic": True,
+        "synthetic < real_few": True,
+        "synthetic_plus_few < real_few": True,
+    }
+    assert "real_all 4.01 < synthetic 7.27 mm" in o.sentence and "in the paper's order" in o.sentence
+    # the ci run of the first release: synthetic was the worst regime
+    flipped = {"real_all": {"tre_net": 11.35}, "real_few": {"tre_net": 14.10}, "synthetic": {"tre_net": 15.31}}
+    o = M.paper_ordering(flipped)
+    assert o.holds == {"real_all < synthetic": True, "synthetic < real_few": False}
+    assert not o.all_hold and "1 of 2 comparisons hold" in o.sentence and "synthetic 15.31 ≥ real_few" in o.sentence
+    # a tie is not "better"; missing regimes are skipped, none at all is said so
+    assert not M.paper_ordering({"real_all": {"tre_net": 5.0}, "synthetic": {"tre_net": 5.0}}).all_hold
+    assert M.paper_ordering({"real_all": {"tre_net": 5.0}}).holds == {}
+    assert "were not run" in M.paper_ordering({}).sentence

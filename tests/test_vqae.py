@@ -385,3 +385,23 @@ def test_nearest_code_stays_fp32_under_autocast():
     exact = vq.nearest(z)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(vq.nearest(z), exact)
+
+
+def test_motion_kept_is_full_for_a_copy_and_zero_for_an_average():
+    # two 1D "scans" on 8 voxels: fixed vessels at 0–3, moving shifted by 2 (2–5)
+    f = torch.zeros(1, 8, dtype=torch.uint8)
+    m = torch.zeros(1, 8, dtype=torch.uint8)
+    f[0, 0:4] = 1
+    m[0, 2:6] = 1
+    x = torch.stack((f, m), 1)  # (1, 2, 8)
+    # Dice(f, m) = 2·2 / (4 + 4) = 0.5
+    copy = vqae.motion_kept(x, x.float())
+    assert copy.pair_inputs.item() == pytest.approx(0.5) and copy.pair_recon.item() == pytest.approx(0.5)
+    assert copy.contrast_recon.item() == pytest.approx(0.5) and copy.kept == pytest.approx(1.0)
+    # both scans decoded as the same union 0–5: Dice(u, f) = Dice(u, m) = 2·4 / (6 + 4) → contrast 0
+    union = ((f + m) > 0).float()
+    same = vqae.motion_kept(x, torch.stack((union, union), 1))
+    assert same.pair_recon.item() == pytest.approx(1.0)
+    assert same.contrast_recon.item() == pytest.approx(0.0) and same.kept == pytest.approx(0.0)
+    # swapped volumes (fixed decoded as moving) give the negative contrast
+    assert vqae.motion_kept(x, x.flip(1).float()).contrast_recon.item() == pytest.approx(-0.5)
