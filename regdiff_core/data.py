@@ -297,6 +297,20 @@ def canonical_padding(shape: Sequence[int]) -> tuple[int, int, int, int, int, in
     return h1, h2, w1, w2, d1, d2
 
 
+def original_to_canonical(coords: Any, shape: Sequence[int]) -> torch.Tensor:
+    """Voxel coordinates ``(..., 3)`` of a scan of ``shape = (H, W, D)`` moved into the canonical frame:
+    plus the pad/crop offset ``(h1, w1, d1)`` of :func:`canonical_padding` (float64, not rounded).
+
+    The release's ``lms_validation_cropped.pth`` holds Lung250M-4B's original-frame landmarks moved so
+    and rounded down, minus those that fall outside the frame (chapter 6's tests check it).
+    """
+    h1, _, w1, _, d1, _ = canonical_padding(shape)
+    coords = torch.as_tensor(coords).double()
+    if coords.shape[-1:] != (3,):
+        raise ValueError(f"coordinates must have shape (..., 3), got {tuple(coords.shape)}")
+    return coords + torch.tensor([h1, w1, d1], dtype=torch.float64)
+
+
 def pad_crop_to_canonical(volume: torch.Tensor) -> torch.Tensor:
     """Pad with zeros / crop the last three axes ``(H, W, D)`` into the canonical 256×208×256 frame.
 
