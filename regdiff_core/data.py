@@ -584,7 +584,11 @@ def prepare(
         result = prepare_split(files, shape, dilate=dilate, progress=progress, desc=f"prepare {split}")
         result.update(format=CACHE_FORMAT, dataset=dataset, split=split)
         utils.atomic_torch_save(result, path)
-    if not (data_dir / RELEASE / LANDMARKS_FILE).is_file():  # test split cached, but a fresh data_dir
+    from data_download import DATASETS
+
+    # the files that come with every release download (landmarks, the paper's CSVs and token grids):
+    # fetched here too when the splits were cached but the data_dir is fresh or older than one of them
+    if not all((data_dir / RELEASE / path).is_file() for path in DATASETS[RELEASE].always):
         download_pairs(RELEASE, data_dir, cases_of["test"][:1], base_url=base_url, progress=False)
     return PrepareResult(
         train_path=prepared_path(work_dir, "train"),
