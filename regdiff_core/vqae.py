@@ -460,7 +460,7 @@ def plot_codebook_comparison(token_sets: dict[str, Tokens], axes=None):
         counts = torch.bincount(t.tokens.flatten(), minlength=t.codebook_size).sort(descending=True).values
         share = counts.double() / counts.sum()
         stats = codebook_stats(counts)
-        ax.bar(range(t.codebook_size), share.numpy(), width=1.0)
+        ax.bar(range(stats.used), share[: stats.used].numpy(), width=1.0)  # unused codes have no bar
         ax.set(yscale="log", xlim=(-0.5, t.codebook_size - 0.5), xlabel="code (sorted by frequency)")
         ax.set_title(f"{name}: {stats.used} of {t.codebook_size} codes, perplexity {stats.perplexity:.1f}")
     list(axes)[0].set_ylabel("share of tokens")
