@@ -18,11 +18,18 @@ TORCH_PIN ?= torch==2.13.0
 # A local mirror of the paper's data release (CI and machines without internet use it when present).
 SHARED    ?= ../shared
 MIRROR    := $(SHARED)/data/unleashing-registration
+# ... and of Lung250M-4B's repository (landmarks in the original frame, VoxelMorph++ predictions; chapter 6)
+MIRROR_REPO := $(SHARED)/data/lung250m-4b-repo
+ifneq ($(wildcard $(MIRROR_REPO)/evaluation/lms_validation.pth),)
+ifeq ($(REGDIFF_LUNG250M_REPO_URL),)
+SERVE_REPO := REGDIFF_LUNG250M_REPO_URL=$(MIRROR_REPO)
+endif
+endif
 
 ifneq ($(REGDIFF_DATA_URL),)
 WITH_DATA :=
 else ifneq ($(wildcard $(MIRROR)/lms_validation_cropped.pth),)
-WITH_DATA := $(PY) -m data_download.mirror $(MIRROR) --
+WITH_DATA := $(PY) -m data_download.mirror $(MIRROR) $(SERVE_REPO) --
 else
 WITH_DATA :=
 endif

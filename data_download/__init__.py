@@ -16,9 +16,12 @@ Datasets (:data:`DATASETS`)
     ``DATASETS["unleashing-registration"].splits``). The landmarks ``lms_validation_cropped.pth`` and the
     paper's three result CSVs come with every selection; ``networks=True`` adds the three trained
     registration networks ``regnets_state_*.pth``, which upstream lists only by git blob id (sha1 over
-    ``b"blob <size>\\0" + content``), so that is what is checked for them. (The manifest also lists
-    ``dilated_vessel/case_000_1.nii.gz``, ``instructions.txt`` and ``lung250_3d_vqae_model_dilated.pth``;
-    no chapter needs them, so :func:`fetch` does not download them.)
+    ``b"blob <size>\\0" + content``), so that is what is checked for them. Also with every selection comes
+    ``lung250_3d_vqae_model_dilated.pth``, which despite its name is not a model: a list of 97 int16
+    tensors of 3328 codes, the paper's own VQ-AE token grids (16×13×16, C order, codebook 1024) of the
+    97 Lung250M-4B training pairs (chapters 2 and 3 use them; the VQ-AE that made them is not released).
+    (The manifest also lists ``dilated_vessel/case_000_1.nii.gz`` and ``instructions.txt``; no chapter
+    needs them, so :func:`fetch` does not download them.)
 ``lung250m-4b``
     The vessel segmentations ``segTr/case_NNN_{1,2}.nii.gz`` (labels 0 background, 1 and 2 the two
     vessel classes) of all 97 training pairs of Lung250M-4B (ids 000–103 except the validation cases 002,
@@ -29,6 +32,13 @@ Datasets (:data:`DATASETS`)
     and the sha256 of every file is written to ``<dest>/lung250m-4b.sha256``. Later calls verify the
     files against that record, exactly as for the other dataset. This protects against corruption after
     the first download, not against a wrong file on the share.
+``lung250m-4b-repo``
+    Two things from github.com/multimodallearning/Lung250M-4B pinned to commit ``53598ca8…`` (raw files):
+    ``evaluation/lms_validation.pth``, the 27 test cases' landmarks in each scan's original voxel frame
+    (a dict ``"2"``, ``"8"``, … → ``(N, 6)`` fixed then moving; 4677 pairs), and
+    ``predict_vxmpp/case_NNN.csv``, the benchmark's VoxelMorph++ (with instance optimisation) keypoint
+    predictions for 17 of those cases (rows ``x_f, y_f, z_f, x_m, y_m, z_m``). Checksums in the shipped
+    ``lung250m-4b-repo.sha256``. No case selection: all 18 files (5 MB) come together. Chapter 6.
 
 API
 ---
@@ -42,8 +52,9 @@ API
     ``base_url`` replaces the upstream location: the file ``path`` is fetched from
     ``f"{base_url}/{path}"``, so any static HTTP server whose root is a copy of the dataset's folder
     serves it. Without ``base_url`` the environment variable ``REGDIFF_DATA_URL``
-    (unleashing-registration) or ``REGDIFF_LUNG250M_URL`` (lung250m-4b) is used if set. pooch cannot
-    read ``file://`` URLs; :mod:`data_download.mirror` serves a folder on 127.0.0.1 instead.
+    (unleashing-registration), ``REGDIFF_LUNG250M_URL`` (lung250m-4b) or ``REGDIFF_LUNG250M_REPO_URL``
+    (lung250m-4b-repo) is used if set. pooch cannot read ``file://`` URLs; :mod:`data_download.mirror`
+    serves folders on 127.0.0.1 instead.
 Errors
     Everything that stops a download raises :class:`DownloadError` with a message that says what to do:
     :class:`ChecksumError` (the file, the expected and the actual hash; the file is removed),
@@ -55,7 +66,10 @@ Command line::
 
     python -m data_download unleashing-registration --dest data/unleashing-registration --cases 032 033
     python -m data_download lung250m-4b --dest data/lung250m-4b --base-url http://127.0.0.1:8000
+    python -m data_download lung250m-4b-repo --dest data/lung250m-4b-repo
     python -m data_download.mirror ../shared/data/unleashing-registration -- make book
+    python -m data_download.mirror ../shared/data/unleashing-registration \\
+        REGDIFF_LUNG250M_REPO_URL=../shared/data/lung250m-4b-repo -- make book
 
 The command prints the error message and exits with status 2 when a download fails.
 """

@@ -1,4 +1,4 @@
-"""Manifests of the two datasets and :func:`fetch`, which downloads a selection of their files with pooch.
+"""Manifests of the three datasets and :func:`fetch`, which downloads a selection of their files with pooch.
 
 pooch does the downloading: each file streams to a temporary file next to its destination, its sha256 is
 checked against the registry, and only then is it moved to its final name; failed downloads are retried.
@@ -36,6 +36,10 @@ UNLEASHING_URL = (
     f"https://raw.githubusercontent.com/multimodallearning/UnleashingRegistration/{UNLEASHING_COMMIT}"
 )
 LUNG250M_SHARE = "https://cloud.imi.uni-luebeck.de/s/s64fqbPpXNexBPP"
+LUNG250M_REPO_COMMIT = "53598ca8f64b13aeb774bc6e6ace486f78d73688"
+LUNG250M_REPO_URL = f"https://raw.githubusercontent.com/multimodallearning/Lung250M-4B/{LUNG250M_REPO_COMMIT}"
+#: The paper's own VQ-AE token grids of the 97 Lung250M-4B training pairs (not a model, despite the name).
+PAPER_TOKENS_FILE = "lung250_3d_vqae_model_dilated.pth"
 #: Lung250M-4B validation/test pairs (its README); all other ids 000–103 are the 97 training pairs.
 LUNG250M_NOT_TRAINING = {"002", "008", "054", "055", "056", "094", "097"} | {
     f"{i:03d}" for i in range(104, 124)
@@ -125,6 +129,11 @@ class Dataset:
     def select(self, cases: Sequence[str] | None = None, networks: bool = False) -> list[FileEntry]:
         """The manifest entries for ``cases`` (None: all), in case order (fixed, moving), then the
         files that always come along, then the networks if asked for."""
+        if cases and not self.splits:
+            raise UnknownCaseError(
+                f"{self.name} has no case selection: its {len(self.files)} files always come together "
+                "(leave out --cases)"
+            )
         wanted = self.cases if cases is None else [normalize_case(c) for c in cases]
         unknown = [c for c in wanted if c not in self.cases]
         if unknown:
@@ -191,6 +200,7 @@ def _unleashing_registration() -> Dataset:
         splits={"train": ids("dilated_vessels_10/"), "test": ids("dilated_vessels_ts/")},
         always=(
             "lms_validation_cropped.pth",
+            PAPER_TOKENS_FILE,
             "regnets_state_dilated_vessels.csv",
             "regnets_state_dilated_vessels_10.csv",
             "regnets_state_synth.csv",
@@ -215,8 +225,24 @@ def _lung250m_4b() -> Dataset:
     )
 
 
+def _lung250m_4b_repo() -> Dataset:
+    text = Path(__file__).with_name("lung250m-4b-repo.sha256").read_text()
+    files = tuple(read_sha256_list(text))
+    return Dataset(
+        name="lung250m-4b-repo",
+        description="Lung250M-4B's repository: landmarks in the original frame, VoxelMorph++ predictions",
+        url_template=LUNG250M_REPO_URL + "/{path}",
+        env_var="REGDIFF_LUNG250M_REPO_URL",
+        files=files,
+        splits={},  # no case pairs: the whole (small) manifest comes with every download
+        always=tuple(f.path for f in files),
+    )
+
+
 #: The datasets :func:`fetch` knows, by name.
-DATASETS: dict[str, Dataset] = {d.name: d for d in (_unleashing_registration(), _lung250m_4b())}
+DATASETS: dict[str, Dataset] = {
+    d.name: d for d in (_unleashing_registration(), _lung250m_4b(), _lung250m_4b_repo())
+}
 
 
 def get_dataset(name: str) -> Dataset:

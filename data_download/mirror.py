@@ -10,6 +10,9 @@ Two ways to use it::
 
     # serve DIR, run CMD with REGDIFF_DATA_URL=<url>, stop the server, exit with CMD's exit code
     python -m data_download.mirror DIR -- CMD ARGS...
+
+    # more folders, each on its own port and named by the variable its dataset reads
+    python -m data_download.mirror DIR REGDIFF_LUNG250M_REPO_URL=DIR2 -- CMD ARGS...
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -54,17 +58,35 @@ def serve(directory: str | Path, handler: type[SimpleHTTPRequestHandler] = _Quie
         thread.join()
 
 
+USAGE = "usage: python -m data_download.mirror DIR [VAR=DIR ...] -- CMD [ARGS...]"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m data_download.mirror DIR -- CMD ARGS...``; returns CMD's exit code."""
+    """``python -m data_download.mirror DIR [VAR=DIR ...] -- CMD ARGS...``; returns CMD's exit code.
+
+    The first ``DIR`` is served as ``$REGDIFF_DATA_URL``; each ``VAR=DIR`` serves another folder on its
+    own port and sets the environment variable ``VAR`` (e.g. ``REGDIFF_LUNG250M_REPO_URL``) to its URL.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" not in argv or argv.index("--") != 1 or len(argv) < 3:
-        print("usage: python -m data_download.mirror DIR -- CMD [ARGS...]", file=sys.stderr)
+    if "--" not in argv or argv.index("--") < 1 or len(argv) < argv.index("--") + 2:
+        print(USAGE, file=sys.stderr)
         return 2
-    directory, command = argv[0], argv[2:]
+    split = argv.index("--")
+    folders, command = argv[:split], argv[split + 1 :]
+    served: dict[str, str] = {"REGDIFF_DATA_URL": folders[0]}
+    for item in folders[1:]:
+        var, eq, directory = item.partition("=")
+        if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var) or not directory:
+            print(f"error: {item!r} is not VAR=DIR\n{USAGE}", file=sys.stderr)
+            return 2
+        served[var] = directory
     try:
-        with serve(directory) as url:
-            print(f"serving {directory} at {url}", file=sys.stderr)
-            return subprocess.call(command, env={**os.environ, "REGDIFF_DATA_URL": url})
+        with contextlib.ExitStack() as stack:
+            env = dict(os.environ)
+            for var, directory in served.items():
+                env[var] = stack.enter_context(serve(directory))
+                print(f"serving {directory} at {env[var]} (${var})", file=sys.stderr)
+            return subprocess.call(command, env=env)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

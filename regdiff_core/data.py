@@ -302,6 +302,20 @@ def canonical_padding(shape: Sequence[int]) -> tuple[int, int, int, int, int, in
     return h1, h2, w1, w2, d1, d2
 
 
+def original_to_canonical(coords: Any, shape: Sequence[int]) -> torch.Tensor:
+    """Voxel coordinates ``(..., 3)`` of a scan of ``shape = (H, W, D)`` moved into the canonical frame:
+    plus the pad/crop offset ``(h1, w1, d1)`` of :func:`canonical_padding` (float64, not rounded).
+
+    The release's ``lms_validation_cropped.pth`` holds Lung250M-4B's original-frame landmarks moved so
+    and rounded down, minus those that fall outside the frame (chapter 6's tests check it).
+    """
+    h1, _, w1, _, d1, _ = canonical_padding(shape)
+    coords = torch.as_tensor(coords).double()
+    if coords.shape[-1:] != (3,):
+        raise ValueError(f"coordinates must have shape (..., 3), got {tuple(coords.shape)}")
+    return coords + torch.tensor([h1, w1, d1], dtype=torch.float64)
+
+
 def pad_crop_to_canonical(volume: torch.Tensor) -> torch.Tensor:
     """Pad with zeros / crop the last three axes ``(H, W, D)`` into the canonical 256×208×256 frame.
 
@@ -609,7 +623,11 @@ def prepare(
         inputs = input_record([p for _, f, m in files for p in (f, m)], data_dir / dataset)
         result.update(format=CACHE_FORMAT, dataset=dataset, split=split, inputs=inputs)
         utils.atomic_torch_save(result, path)
-    if not (data_dir / RELEASE / LANDMARKS_FILE).is_file():  # test split cached, but a fresh data_dir
+    from data_download import DATASETS
+
+    # the files that come with every release download (landmarks, the paper's CSVs and token grids):
+    # fetched here too when the splits were cached but the data_dir is fresh or older than one of them
+    if not all((data_dir / RELEASE / path).is_file() for path in DATASETS[RELEASE].always):
         download_pairs(RELEASE, data_dir, cases_of["test"][:1], base_url=base_url, progress=False)
     return PrepareResult(
         train_path=prepared_path(work_dir, "train"),

@@ -22,6 +22,8 @@ What is here:
   the temperature-scaled categorical in float64 with a ``torch.Generator``; steps that unmask nothing
   skip the network call.
 - :func:`fill_in`, :func:`evaluate_loss` — one-shot predictions and a held-out loss, for the chapter.
+- :func:`paper_tokens` — the paper's own 97 token grids (from its release, codebook 1024, 16×13×16) as a
+  training set and a held-out set, so the denoiser can be trained on the paper's real training data.
 - :func:`gpu_benchmark` — paper-size timings for ``make gpu-check``.
 
 Where this differs from the seed (``unleashing_utils.py`` of the paper's code), on purpose:
@@ -71,6 +73,11 @@ from regdiff_core.utils import atomic_torch_save, atomic_write_text, autocast, c
 
 #: Files this chapter writes under ``work_dir``.
 MODEL_FILE = Path("diffusion") / "model.pt"
+#: Where ``train-diffusion --tokens paper-release`` writes its denoiser (not ``diffusion/``: chapter 4
+#: decodes what is there with *our* VQ-AE, which cannot read the paper's codes).
+PAPER_TOKENS_DIR = Path("diffusion_paper_tokens")
+#: Grids of the paper's 97 kept aside by :func:`paper_tokens` (the last ones in the file).
+PAPER_HELDOUT = 10
 STATE_FILE = Path("diffusion") / "train_state.pt"
 HISTORY_FILE = Path("diffusion") / "history.csv"
 
@@ -544,6 +551,42 @@ def compare_variants(
     return rows
 
 
+class TokenSplit(NamedTuple):
+    """A token set cut into ``train`` and ``heldout`` :class:`~regdiff_core.vqae.Tokens`."""
+
+    train: Any
+    heldout: Any
+
+
+def split_tokens(tokens, heldout: int) -> TokenSplit:
+    """The last ``heldout`` grids of ``tokens`` held out, the others for training (deterministic)."""
+    from regdiff_core.vqae import Tokens
+
+    n = len(tokens.tokens)
+    if not 0 <= heldout < n:
+        raise ValueError(f"heldout = {heldout}: need 0 ≤ heldout < {n} (the number of grids)")
+    cut = n - heldout
+
+    def part(sl: slice) -> Tokens:
+        return Tokens(tokens.tokens[sl], list(tokens.cases[sl]), tuple(tokens.grid), tokens.codebook_size)
+
+    return TokenSplit(part(slice(0, cut)), part(slice(cut, n)))
+
+
+def paper_tokens(data_dir: str | Path, heldout: int = PAPER_HELDOUT) -> TokenSplit:
+    """The paper's own token grids (:func:`regdiff_core.vqae.load_paper_tokens`, from
+    ``data_dir/unleashing-registration/``): the first ``97 − heldout`` for training, the last
+    ``heldout`` (default 10) kept aside. ``heldout=0`` gives all 97 for training, as the paper trained.
+
+    What they can give: the paper's diffusion model trained on its real training data, held-out bits
+    per token, and sampled token grids. What they cannot: volumes — the VQ-AE that decodes them is not
+    released, so no synthetic vessel pairs and no registration come from them.
+    """
+    from regdiff_core.vqae import load_paper_tokens
+
+    return split_tokens(load_paper_tokens(data_dir), heldout)
+
+
 # --------------------------------------------------------------------------------------------------
 # The sampler
 # --------------------------------------------------------------------------------------------------
@@ -698,11 +741,29 @@ def plot_token_grids(grids, titles, mask_id: int, axis: int = 1, size: float = 2
 
 
 def register_cli(subparsers, common) -> None:
+    from regdiff_core.vqae import PAPER_TOKENS_FILE  # the CLI imports every stage module anyway
+
     p = subparsers.add_parser(
         "train-diffusion",
         parents=[common],
-        help="chapter 3: train the absorbing-diffusion denoiser on tokens.pt",
+        help="chapter 3: train the absorbing-diffusion denoiser on tokens.pt (or the paper's own tokens)",
+        description=(
+            "Train the denoiser. --tokens work (default) uses chapter 2's work_dir/tokens.pt and writes "
+            "work_dir/diffusion/. --tokens paper-release uses the paper's own 97 token grids "
+            f"(data_dir/unleashing-registration/{PAPER_TOKENS_FILE}, codebook 1024, 16x13x16), "
+            f"so no VQ-AE is trained first, and writes work_dir/{PAPER_TOKENS_DIR}/. That gives the "
+            "paper's diffusion model and token samples from it; it cannot give volumes, synthetic pairs "
+            "or registration: the paper's VQ-AE that decodes the tokens is not released."
+        ),
     )
+    p.add_argument(
+        "--tokens", choices=("work", "paper-release"), default="work",
+        help="which token grids to train on (default: work = chapter 2's tokens.pt)",
+    )  # fmt: skip
+    p.add_argument(
+        "--heldout", type=int, default=0,
+        help="with --tokens paper-release: keep the last N grids aside and report their loss (default 0)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli_train)
 
@@ -712,12 +773,39 @@ def _cli_train(args, profile: Profile) -> int:
 
     device = resolve_device(args.device)
     seed_everything(args.seed)
-    run = train_denoiser(profile, Path(args.work_dir), device, progress=not args.no_progress)
+    tokens, out_dir, heldout = None, None, None
+    if args.tokens == "paper-release":
+        from regdiff_core.vqae import codebook_usage
+
+        split = paper_tokens(args.data_dir, heldout=args.heldout)
+        tokens, heldout = split.train, split.heldout
+        out_dir = Path(args.work_dir) / PAPER_TOKENS_DIR
+        use = codebook_usage(tokens, "paper")
+        print(
+            f"[train-diffusion] the paper's token grids: {len(tokens.tokens)} for training, "
+            f"{len(heldout.tokens)} held out; {use['codes used']} of {use['codebook K']} codes used, "
+            f"perplexity {use['perplexity']:.1f}. The paper's VQ-AE is not released: these tokens train "
+            "and sample a denoiser, but cannot be decoded to volumes."
+        )
+    elif args.heldout:
+        raise SystemExit("train-diffusion: --heldout needs --tokens paper-release")
+    run = train_denoiser(
+        profile, Path(args.work_dir), device, tokens=tokens, out_dir=out_dir, progress=not args.no_progress
+    )
     last = run.history[-1] if run.history else {}
     print(
         f"[train-diffusion] profile={profile.name} params={run.params:,} steps={len(run.history)} "
         f"final loss={last.get('loss', float('nan')):.4f} bits/token → {run.model_path}"
     )
+    if heldout is not None and len(heldout.tokens):
+        x = heldout.tokens.reshape(len(heldout.tokens), -1)
+        ev = evaluate_loss(
+            run.denoiser, x, profile.diffusion.T, generator=torch.Generator().manual_seed(args.seed)
+        )
+        print(
+            f"[train-diffusion] held-out ({len(x)} grids): loss {ev['loss']:.4f}, ELBO {ev['elbo']:.4f} "
+            f"bits/token, accuracy {ev['accuracy']:.3f}"
+        )
     return 0
 
 

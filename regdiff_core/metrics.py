@@ -23,6 +23,15 @@ Then the chapter's evaluation: every trained regime on the test pairs, without a
 adaptation (:func:`evaluate_model`), tables in the paper's shape with the paper's own numbers read
 from its result CSVs (:func:`paper_results`), and box plots.
 
+A peer on the same landmarks (:func:`evaluate_keypoint_predictions`): Lung250M-4B's repository releases
+VoxelMorph++ (with instance optimisation) predictions for 17 of the 27 test pairs, as fixed keypoints
+and their predicted moving positions in each scan's original voxel frame. A thin-plate spline
+(``scipy.interpolate.RBFInterpolator``) interpolates the keypoint displacements at the fixed
+landmarks of ``evaluation/lms_validation.pth`` (the same landmarks in the original frame), and our TRE
+distance measures the moved fixed landmark against its moving partner. Units: the benchmark's own
+``evaluate.py`` reports these distances in voxels of the original frame, with no spacing; its scans are
+resampled to 1 mm (header spacing within 0.35 % of 1 mm), so we do the same and call them mm.
+
 Left out on purpose: the Hausdorff distance and per-lobe Dice (no lobe labels in the release), and
 statistical tests between regimes (six test pairs at ``ci`` scale cannot carry them).
 """
@@ -391,6 +400,158 @@ def paper_results(data_dir: str | Path, landmark_counts: Sequence[int]) -> Paper
         initial = table[:, 0] if initial is None else initial
         net[regime], tta[regime] = table[:, 1], table[:, 2]
     return PaperResults(case, initial, net, tta)
+
+
+# --------------------------------------------------------------------------------------------------
+# A peer on the same landmarks: Lung250M-4B's VoxelMorph++ predictions
+# --------------------------------------------------------------------------------------------------
+
+#: Lung250M-4B's repository files (``data_download`` dataset ``lung250m-4b-repo``) under ``data_dir``.
+LUNG250M_REPO = "lung250m-4b-repo"
+ORIGINAL_LANDMARKS_FILE = "evaluation/lms_validation.pth"
+VXMPP_FOLDER = "predict_vxmpp"
+VXMPP_LABEL = "VoxelMorph++ with instance optimisation (Lung250M-4B's predictions)"
+#: The thin-plate spline of the evaluation, as the data mirror's README measures it (2.27 mm on 104–113).
+TPS_SETTINGS: dict[str, Any] = {"kernel": "thin_plate_spline", "smoothing": 1.0, "neighbors": 200}
+
+
+def fetch_lung250m_repo(data_dir: str | Path, base_url: str | None = None) -> Path:
+    """Download (or verify) Lung250M-4B's landmarks and VoxelMorph++ predictions into
+    ``data_dir/lung250m-4b-repo`` (``$REGDIFF_LUNG250M_REPO_URL`` names a mirror); return that folder."""
+    from data_download import fetch
+
+    dest = Path(data_dir) / LUNG250M_REPO
+    fetch(LUNG250M_REPO, dest, base_url=base_url, progress=False)
+    return dest
+
+
+def load_original_landmarks(data_dir: str | Path) -> dict[str, torch.Tensor]:
+    """``evaluation/lms_validation.pth``: case id ("002", …) → (N, 6) float64, fixed then moving landmark,
+    voxel indices in each scan's original frame (27 cases, 4677 pairs)."""
+    path = Path(data_dir) / LUNG250M_REPO / ORIGINAL_LANDMARKS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: missing; download it with `python -m data_download {LUNG250M_REPO} "
+            f"--dest {path.parent.parent}`"
+        )
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(stored, dict) or any(torch.as_tensor(v).shape[-1:] != (6,) for v in stored.values()):
+        raise ValueError(f"{path}: expected a dict of (N, 6) landmark tensors keyed by case id")
+    return {f"{int(k):03d}": torch.as_tensor(v).double() for k, v in stored.items()}
+
+
+def load_keypoint_predictions(data_dir: str | Path, folder: str = VXMPP_FOLDER) -> dict[str, torch.Tensor]:
+    """``<folder>/case_NNN.csv`` of Lung250M-4B's repository: case → (K, 6) float64 rows
+    ``x_f, y_f, z_f, x_m, y_m, z_m`` (fixed keypoint, its predicted moving position; original frame)."""
+    root = Path(data_dir) / LUNG250M_REPO / folder
+    paths = sorted(root.glob("case_[0-9][0-9][0-9].csv"))
+    if not paths:
+        raise FileNotFoundError(
+            f"{root}: no case_NNN.csv predictions; download them with `python -m data_download "
+            f"{LUNG250M_REPO} --dest {root.parent}`"
+        )
+    out = {}
+    for path in paths:
+        table = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+        if table.shape[1] != 6:
+            raise ValueError(
+                f"{path}: expected 6 columns (x_f, y_f, z_f, x_m, y_m, z_m), got {table.shape[1]}"
+            )
+        out[path.stem.removeprefix("case_")] = torch.from_numpy(table)
+    return out
+
+
+def keypoint_tre(
+    keypoints: torch.Tensor, landmarks: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0)
+) -> torch.Tensor:
+    """TRE (N,) of a method given as corresponding keypoints, at landmarks it never saw.
+
+    ``keypoints`` (K, 6): fixed keypoint, predicted moving position; ``landmarks`` (N, 6): fixed, moving;
+    both voxel indices of one frame; ``spacing`` mm per voxel. A thin-plate spline
+    (:data:`TPS_SETTINGS`) interpolates the displacements ``k_m − k_f`` at the fixed landmarks f; the
+    error is our TRE distance ‖(f + u(f) − m)·spacing‖ (:func:`target_registration_error` with the
+    moved fixed landmarks in place of the identity-mapped ones).
+    """
+    from scipy.interpolate import RBFInterpolator
+
+    kp = keypoints.double().numpy()
+    tps = RBFInterpolator(kp[:, :3], kp[:, 3:] - kp[:, :3], **TPS_SETTINGS)
+    f, m = landmarks[:, :3].double(), landmarks[:, 3:].double()
+    moved = f + torch.from_numpy(tps(f.numpy()))
+    return target_registration_error(None, moved, m, spacing).initial
+
+
+class PeerResult(NamedTuple):
+    """A peer method's TRE per case (mm), and the landmarks' initial distance, on the cases it covers."""
+
+    method: str
+    tre: dict[str, torch.Tensor]
+    initial: dict[str, torch.Tensor]
+
+    def cases(self, split: Sequence[str] | None = None) -> list[str]:
+        return [c for c in self.tre if split is None or c in set(split)]
+
+    def mean(self, split: Sequence[str] | None = None, initial: bool = False) -> float:
+        """Mean over all landmarks (pooled) of the cases in ``split`` (None: all it covers)."""
+        values = self.initial if initial else self.tre
+        return float(torch.cat([values[c] for c in self.cases(split)]).mean())
+
+    def n_landmarks(self, split: Sequence[str] | None = None) -> int:
+        return sum(len(self.tre[c]) for c in self.cases(split))
+
+    def summary(self) -> dict[str, Any]:
+        """Pooled means on Lung250M-4B's test split 104–113 and on the other cases (its validation cases)."""
+        other = [c for c in self.tre if c not in set(BENCHMARK_TEST_CASES)]
+        return {
+            "method": self.method,
+            "104-113": self.mean(BENCHMARK_TEST_CASES),
+            "other": self.mean(other),
+            "cases_104_113": self.cases(BENCHMARK_TEST_CASES),
+            "cases_other": other,
+            "landmarks_104_113": self.n_landmarks(BENCHMARK_TEST_CASES),
+            "landmarks_other": self.n_landmarks(other),
+            "tre_initial_104_113": self.mean(BENCHMARK_TEST_CASES, initial=True),
+            "tre_initial_other": self.mean(other, initial=True),
+        }
+
+
+def evaluate_keypoint_predictions(
+    data_dir: str | Path,
+    folder: str = VXMPP_FOLDER,
+    method: str = VXMPP_LABEL,
+    spacing: dict[str, Sequence[float]] | None = None,
+) -> PeerResult:
+    """TRE of Lung250M-4B's released keypoint predictions (default: VoxelMorph++) at the original-frame
+    landmarks, per case (:func:`keypoint_tre`). ``spacing``: mm per voxel per case; default 1 mm, i.e.
+    voxels of the original frame, as the benchmark's ``evaluate.py`` measures."""
+    landmarks = load_original_landmarks(data_dir)
+    predictions = load_keypoint_predictions(data_dir, folder)
+    unknown = sorted(set(predictions) - set(landmarks))
+    if unknown:
+        raise ValueError(f"predictions for cases {unknown} have no landmarks in {ORIGINAL_LANDMARKS_FILE}")
+    tre, initial = {}, {}
+    for case in sorted(predictions):
+        mm = (spacing or {}).get(case, (1.0, 1.0, 1.0))
+        lms = landmarks[case]
+        tre[case] = keypoint_tre(predictions[case], lms, mm)
+        initial[case] = target_registration_error(None, lms[:, :3], lms[:, 3:], mm).initial
+    return PeerResult(method, tre, initial)
+
+
+def with_reference_rows(
+    rows: Sequence[dict[str, Any]], peer: PeerResult, splits: dict[str, Sequence[str] | None]
+) -> list[dict[str, Any]]:
+    """The comparison table (:func:`comparison_rows`) with a column for a reference method and one row
+    per entry of ``splits`` (label → cases) holding its pooled TRE on those cases."""
+    column = "reference"
+    out = [{**row, column: None} for row in rows]
+    for label, cases in splits.items():
+        n = len(peer.cases(cases))
+        blank = dict.fromkeys(rows[0], None) if rows else {}
+        out.append(
+            {**blank, "training data": f"{peer.method}, {label} ({n} pairs)", column: peer.mean(cases)}
+        )
+    return out
 
 
 def comparison_rows(

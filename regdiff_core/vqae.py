@@ -391,6 +391,97 @@ def load_tokens(work_dir: str | Path) -> Tokens:
 
 
 # --------------------------------------------------------------------------------------------------
+# The paper's own tokens
+# --------------------------------------------------------------------------------------------------
+
+#: In the paper's release (``data_dir/unleashing-registration/``): despite the name, not a model but a list
+#: of 97 int16 tensors of 3328 codes, the paper's VQ-AE token grids of the 97 Lung250M-4B training pairs
+#: as its ``infer_vqae.py`` saves them (flattened in C order). The VQ-AE itself is not released.
+PAPER_TOKENS_FILE = "lung250_3d_vqae_model_dilated.pth"
+PAPER_TOKEN_GRID = (16, 13, 16)
+PAPER_CODEBOOK_SIZE = 1024
+
+
+def paper_tokens_path(data_dir: str | Path) -> Path:
+    return Path(data_dir) / "unleashing-registration" / PAPER_TOKENS_FILE
+
+
+def load_paper_tokens(data_dir: str | Path) -> Tokens:
+    """The paper's 97 token grids as :class:`Tokens` (``(97, 16, 13, 16)`` long, codebook 1024).
+
+    ``cases`` are ``"paper_00"`` … ``"paper_96"``, the order in the file: the release does not say
+    which Lung250M-4B case each grid is. Raises ``FileNotFoundError`` (with the command that downloads
+    it) or ``ValueError`` naming the file when it does not hold such grids.
+    """
+    path = paper_tokens_path(data_dir)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: the paper's token grids are missing; run chapter 1 or "
+            f"`python -m data_download unleashing-registration --dest {path.parent} --cases 002`"
+        )
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    n = math.prod(PAPER_TOKEN_GRID)
+    if not isinstance(stored, list | tuple) or not stored:
+        raise ValueError(f"{path}: expected a list of token tensors, got {type(stored).__name__}")
+    bad = [
+        i
+        for i, t in enumerate(stored)
+        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.numel() != n
+    ]
+    if bad:
+        raise ValueError(f"{path}: entries {bad[:5]} are not integer tensors of {n} codes")
+    tokens = torch.stack([t.long().reshape(PAPER_TOKEN_GRID) for t in stored])
+    if int(tokens.min()) < 0 or int(tokens.max()) >= PAPER_CODEBOOK_SIZE:
+        raise ValueError(
+            f"{path}: codes {int(tokens.min())}…{int(tokens.max())} outside [0, {PAPER_CODEBOOK_SIZE})"
+        )
+    cases = [f"paper_{i:02d}" for i in range(len(tokens))]
+    return Tokens(tokens, cases, PAPER_TOKEN_GRID, PAPER_CODEBOOK_SIZE)
+
+
+def codebook_usage(tokens: Tokens, name: str) -> dict[str, Any]:
+    """One table row on how a token set uses its codebook: pooled over all grids (codes used, their share
+    of the codebook, perplexity and its log2 — the entropy of the pooled code histogram in bits), the
+    range of codes, and the means over single grids."""
+    pooled = token_stats(tokens.tokens, tokens.codebook_size)
+    per_grid = [token_stats(t, tokens.codebook_size) for t in tokens.tokens]
+    return {
+        "tokens": name,
+        "grids": len(tokens.tokens),
+        "grid": tuple(tokens.grid),
+        "codebook K": tokens.codebook_size,
+        "codes used": pooled.used,
+        "share used (%)": 100.0 * pooled.used / tokens.codebook_size,
+        "perplexity": pooled.perplexity,
+        "entropy (bits)": math.log2(pooled.perplexity),
+        "lowest code": int(tokens.tokens.min()),
+        "highest code": int(tokens.tokens.max()),
+        "codes used per grid (mean)": sum(s.used for s in per_grid) / len(per_grid),
+        "perplexity per grid (mean)": sum(s.perplexity for s in per_grid) / len(per_grid),
+    }
+
+
+def plot_codebook_comparison(token_sets: dict[str, Tokens], axes=None):
+    """Side by side, for each token set: the share of tokens taken by each code, codes sorted by
+    frequency (log scale), the x axis the whole codebook. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, len(token_sets), figsize=(5.5 * len(token_sets), 3.2), sharey=True)
+    for ax, (name, t) in zip(list(axes), token_sets.items()):
+        counts = torch.bincount(t.tokens.flatten(), minlength=t.codebook_size).sort(descending=True).values
+        share = counts.double() / counts.sum()
+        stats = codebook_stats(counts)
+        ax.bar(range(stats.used), share[: stats.used].numpy(), width=1.0)  # unused codes have no bar
+        ax.set(yscale="log", xlim=(-0.5, t.codebook_size - 0.5), xlabel="code (sorted by frequency)")
+        ax.set_title(f"{name}: {stats.used} of {t.codebook_size} codes, perplexity {stats.perplexity:.1f}")
+    list(axes)[0].set_ylabel("share of tokens")
+    fig = list(axes)[0].figure
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
 

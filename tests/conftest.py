@@ -35,6 +35,31 @@ def mirror_url(mirror_dir):
 
 
 @pytest.fixture(scope="session")
+def repo_mirror_dir() -> Path:
+    """The read-only mirror of Lung250M-4B's repository files: ``$REGDIFF_REPO_MIRROR_DIR``, else
+    ``<repo>/../shared/data/lung250m-4b-repo``; skips the test if it is absent."""
+    env = os.environ.get("REGDIFF_REPO_MIRROR_DIR")
+    directory = Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "lung250m-4b-repo"
+    if not directory.is_dir():
+        pytest.skip(
+            f"Lung250M-4B repository mirror not found at {directory}: set REGDIFF_REPO_MIRROR_DIR to a copy "
+            "of shared/data/lung250m-4b-repo"
+        )
+    return directory
+
+
+@pytest.fixture(scope="session")
+def repo_data_dir(tmp_path_factory, repo_mirror_dir) -> Path:
+    """A data_dir holding ``lung250m-4b-repo/`` fetched (checksums verified) from the served mirror."""
+    from data_download import fetch
+
+    root = tmp_path_factory.mktemp("repo_data")
+    with serve(repo_mirror_dir) as url:
+        fetch("lung250m-4b-repo", root / "lung250m-4b-repo", base_url=url, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
 def prepared_ci(tmp_path_factory, mirror_url):
     """Chapter 1 run once at ``ci`` from the mirror: ``.profile``, ``.data_dir``, ``.work_dir`` (Paths).
 

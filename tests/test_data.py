@@ -358,6 +358,21 @@ def test_prepare_again_uses_the_cache_and_cli(prepared_ci, mirror_url, capsys):
     assert result.cached == ("train", "test")
 
 
+def test_cached_prepare_still_fetches_a_missing_release_file(prepared_ci, mirror_url, tmp_path):
+    """A data_dir from before the paper's token grids came with the release gets them on the next run."""
+    import shutil
+
+    shutil.copytree(prepared_ci.work_dir / "prepared", tmp_path / "work" / "prepared")
+    release = tmp_path / "data" / data.RELEASE
+    release.mkdir(parents=True)
+    shutil.copy(prepared_ci.data_dir / data.RELEASE / data.LANDMARKS_FILE, release)
+    result = data.prepare(
+        prepared_ci.profile, tmp_path / "data", tmp_path / "work", base_url=mirror_url, progress=False
+    )
+    assert result.cached == ("train", "test")
+    assert (release / "lung250_3d_vqae_model_dilated.pth").is_file()
+
+
 def test_stale_cache_is_refused(prepared_ci):
     other = get_profile("ci", {"data.shape": "128,104,128"})
     with pytest.raises(data.DataError, match="rerun `python -m regdiff_core prepare"):

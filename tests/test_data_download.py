@@ -23,6 +23,7 @@ from data_download.mirror import serve
 UR = "unleashing-registration"
 ALWAYS = [
     "lms_validation_cropped.pth",
+    "lung250_3d_vqae_model_dilated.pth",  # the paper's token grids, not a model
     "regnets_state_dilated_vessels.csv",
     "regnets_state_dilated_vessels_10.csv",
     "regnets_state_synth.csv",
@@ -138,6 +139,32 @@ def test_lung250m_manifest_is_the_97_training_pairs():
     assert ds.url("segTr/case_001_1.nii.gz", "http://h:1/") == "http://h:1/segTr/case_001_1.nii.gz"
 
 
+def test_lung250m_repo_manifest_is_the_pinned_peer_files(repo_mirror_dir):
+    ds = data_download.DATASETS["lung250m-4b-repo"]
+    shipped = Path(core.__file__).with_name("lung250m-4b-repo.sha256").read_text()
+    assert shipped == (repo_mirror_dir.parent / "lung250m-4b-repo.sha256").read_text()
+    paths = [e.path for e in ds.select()]
+    vxmpp = ["002", "008", "054", "055", "056", "094", "097", *(f"{i}" for i in range(104, 114))]
+    assert paths == ["evaluation/lms_validation.pth", *(f"predict_vxmpp/case_{c}.csv" for c in vxmpp)]
+    assert all(e.hash.startswith("sha256:") for e in ds.select())
+    assert ds.url("predict_vxmpp/case_104.csv") == (
+        "https://raw.githubusercontent.com/multimodallearning/Lung250M-4B/"
+        "53598ca8f64b13aeb774bc6e6ace486f78d73688/predict_vxmpp/case_104.csv"
+    )
+    with pytest.raises(data_download.UnknownCaseError, match="no case selection"):
+        ds.select(["104"])
+
+
+def test_lung250m_repo_fetch_from_mirror_via_its_variable(repo_mirror_dir, tmp_path, monkeypatch):
+    with serve(repo_mirror_dir) as url:
+        monkeypatch.setenv("REGDIFF_LUNG250M_REPO_URL", url)
+        paths = data_download.fetch("lung250m-4b-repo", tmp_path, progress=False)
+    assert len(paths) == 18
+    for path in paths:
+        rel = path.relative_to(tmp_path)
+        assert path.read_bytes() == (repo_mirror_dir / rel).read_bytes()
+
+
 def test_git_blob_id_is_gits(tmp_path):
     f = tmp_path / "f"
     f.write_bytes(b"hello world\n")  # `echo 'hello world' | git hash-object --stdin`
@@ -172,7 +199,7 @@ def test_fetch_from_mirror_lands_verified_files_in_upstream_layout(mirror, mirro
 def test_present_files_are_not_fetched_again_and_a_bad_one_is_replaced(mirror, tmp_path):
     with recording_server(mirror) as (url, rec):
         data_download.fetch(UR, tmp_path, cases=["032"], base_url=url, progress=False)
-        assert len(rec.requests) == 6
+        assert len(rec.requests) == 2 + len(ALWAYS)
         rec.requests.clear()
         data_download.fetch(UR, tmp_path, cases=["032"], base_url=url, progress=False)
         assert rec.requests == []
@@ -363,3 +390,18 @@ def test_mirror_command_serves_dir_to_the_command_and_returns_its_exit_code(tmp_
     )
     assert done.returncode == 3
     assert data_download.mirror.main([str(tmp_path), sys.executable]) == 2  # no "--": usage
+
+
+def test_mirror_command_serves_more_folders_under_their_variables(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a/x.txt").write_text("A")
+    (tmp_path / "b/x.txt").write_text("B")
+    check = (
+        "import os, sys, urllib.request as u; get = lambda v: u.urlopen(os.environ[v] + '/x.txt').read(); "
+        "sys.exit(4 if (get('REGDIFF_DATA_URL'), get('OTHER_URL')) == (b'A', b'B') else 1)"
+    )
+    argv = [str(tmp_path / "a"), f"OTHER_URL={tmp_path / 'b'}", "--", sys.executable, "-c", check]
+    assert subprocess.run([sys.executable, "-m", "data_download.mirror", *argv]).returncode == 4
+    assert data_download.mirror.main([str(tmp_path / "a"), "not-a-pair", "--", sys.executable]) == 2
+    assert data_download.mirror.main([str(tmp_path / "a"), f"V={tmp_path / 'nope'}", "--", "true"]) == 2

@@ -10,12 +10,15 @@ from torch import nn
 
 from regdiff_core.config import DiffusionConfig, get_profile
 from regdiff_core.diffusion import (
+    PAPER_TOKENS_DIR,
     build_denoiser,
     fill_in,
     load_denoiser,
+    paper_tokens,
     q_sample,
     sample_t,
     sample_tokens,
+    split_tokens,
     token_grid,
     train_denoiser,
     unmask_probability,
@@ -223,3 +226,43 @@ def test_training_learns_saves_resumes_and_reloads(tmp_path):
 def test_missing_checkpoint_names_the_chapter(tmp_path):
     with pytest.raises(FileNotFoundError, match="train-diffusion"):
         load_denoiser(tmp_path, torch.device("cpu"))
+
+
+# --- the paper's own tokens --------------------------------------------------------------------------------
+
+
+def test_split_tokens_holds_out_the_last_grids():
+    tokens = Tokens(torch.arange(5).view(5, 1, 1, 1), list("abcde"), (1, 1, 1), 5)
+    split = split_tokens(tokens, 2)
+    assert split.train.tokens.flatten().tolist() == [0, 1, 2] and split.train.cases == ["a", "b", "c"]
+    assert split.heldout.tokens.flatten().tolist() == [3, 4] and split.heldout.cases == ["d", "e"]
+    assert split.heldout.grid == (1, 1, 1) and split.heldout.codebook_size == 5
+    assert len(split_tokens(tokens, 0).heldout.tokens) == 0
+    with pytest.raises(ValueError, match="heldout = 5"):
+        split_tokens(tokens, 5)
+
+
+def test_paper_tokens_split_is_87_for_training_and_the_last_10_held_out(mirror_dir):
+    split = paper_tokens(mirror_dir.parent)
+    assert (len(split.train.tokens), len(split.heldout.tokens)) == (87, 10)
+    assert split.heldout.cases == [f"paper_{i}" for i in range(87, 97)]
+    assert split.train.codebook_size == 1024 and split.train.grid == (16, 13, 16)
+
+
+def test_cli_trains_on_the_paper_tokens_apart_from_chapter_3s_denoiser(
+    mirror_dir, tmp_path, capsys, one_torch_thread
+):
+    from regdiff_core.cli import main
+
+    argv = ["train-diffusion", "--profile", "ci", "--tokens", "paper-release", "--heldout", "1", "--no-progress",
+            "--data-dir", str(mirror_dir.parent), "--work-dir", str(tmp_path),
+            "--set", "diffusion.iterations=2", "--set", "diffusion.ckpt_every=2"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "96 for training, 1 held out; 72 of 1024 codes used" in out and "cannot be decoded" in out
+    assert "held-out (1 grids)" in out
+    assert not (tmp_path / "diffusion").exists()  # chapter 4 decodes what is there with our VQ-AE
+    denoiser = load_denoiser(tmp_path, torch.device("cpu"), path=tmp_path / PAPER_TOKENS_DIR / "model.pt")
+    assert (denoiser.mask_id, denoiser.n_tokens) == (1024, 3328)
+    with pytest.raises(SystemExit, match="needs --tokens paper-release"):
+        main(["train-diffusion", "--heldout", "3", "--work-dir", str(tmp_path)])

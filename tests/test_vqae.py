@@ -405,3 +405,48 @@ def test_motion_kept_is_full_for_a_copy_and_zero_for_an_average():
     assert same.contrast_recon.item() == pytest.approx(0.0) and same.kept == pytest.approx(0.0)
     # swapped volumes (fixed decoded as moving) give the negative contrast
     assert vqae.motion_kept(x, x.flip(1).float()).contrast_recon.item() == pytest.approx(-0.5)
+
+
+# --- the paper's own tokens --------------------------------------------------------------------------------
+
+
+def test_codebook_usage_by_hand():
+    # grid 0: codes 0,0,1,1 (2 used, perplexity 2); grid 1: 3,3,3,3 (1 used, perplexity 1)
+    # pooled: counts (2, 2, 0, 4) of 8 → p = (¼, ¼, ½), H = 1.5 bits, perplexity 2^1.5
+    t = vqae.Tokens(torch.tensor([[0, 0, 1, 1], [3, 3, 3, 3]]).view(2, 1, 2, 2), ["a", "b"], (1, 2, 2), 4)
+    row = vqae.codebook_usage(t, "toy")
+    assert (row["codes used"], row["share used (%)"], row["lowest code"], row["highest code"]) == (
+        3,
+        75,
+        0,
+        3,
+    )
+    assert row["entropy (bits)"] == pytest.approx(1.5)
+    assert row["perplexity"] == pytest.approx(2**1.5)
+    assert row["codes used per grid (mean)"] == 1.5 and row["perplexity per grid (mean)"] == pytest.approx(
+        1.5
+    )
+
+
+def test_paper_tokens_are_97_grids_with_the_documented_statistics(mirror_dir):
+    """The release's lung250_3d_vqae_model_dilated.pth: 72 of 1024 codes (12–1001), pooled perplexity ≈ 35.7."""
+    tokens = vqae.load_paper_tokens(mirror_dir.parent)
+    assert tokens.tokens.shape == (97, 16, 13, 16) and tokens.codebook_size == 1024
+    raw = torch.load(mirror_dir / vqae.PAPER_TOKENS_FILE, map_location="cpu", weights_only=True)
+    assert torch.equal(tokens.tokens[5].flatten(), raw[5].long())  # C order: reshape, no permutation
+    row = vqae.codebook_usage(tokens, "paper")
+    assert (row["codes used"], row["lowest code"], row["highest code"]) == (72, 12, 1001)
+    assert row["perplexity"] == pytest.approx(35.7, abs=0.05)
+
+
+def test_paper_tokens_missing_or_wrong_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data_download unleashing-registration"):
+        vqae.load_paper_tokens(tmp_path)
+    path = vqae.paper_tokens_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    torch.save([torch.zeros(3328, dtype=torch.int16), torch.zeros(3327, dtype=torch.int16)], path)
+    with pytest.raises(ValueError, match=r"lung250_3d_vqae_model_dilated.pth: entries \[1\]"):
+        vqae.load_paper_tokens(tmp_path)
+    torch.save([torch.full((3328,), 1024, dtype=torch.int16)], path)
+    with pytest.raises(ValueError, match="outside"):
+        vqae.load_paper_tokens(tmp_path)
