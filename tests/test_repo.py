@@ -1,6 +1,7 @@
 """Repository hygiene: notebooks committed clean and well-formed, environment.yml in step with pyproject."""
 
 import json
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -119,6 +120,10 @@ def test_badge_and_setup_cell_use_the_release_ref(path):
     assert len(re.findall(r"git\+https://", setup)) == 1
 
 
+@pytest.mark.skipif(
+    os.environ.get("REGDIFF_RELEASE_CHECK") != "1",
+    reason="release check: `make release-check` (the tag v<version> is created when that version is released)",
+)
 def test_release_ref_exists_in_this_repository():
     """The tag the badges and setup cells name must exist, or Colab installs nothing (`git tag v<version>`)."""
     import shutil
@@ -136,3 +141,25 @@ def test_release_ref_exists_in_this_repository():
         f"tag {ref} does not exist in this repository; the notebooks install `regdiff @ git+…@{ref}`. "
         f"Create it on the release commit: git tag {ref}"
     )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_exercise_has_a_hidden_timed_solution_and_the_chapter_a_recap(path):
+    cells = json.loads(path.read_text())["cells"]
+    sources = ["".join(c["source"]) for c in cells]
+    numbers = []
+    for i, text in enumerate(sources):
+        match = re.match(r":::\{admonition\} Exercise (\d+\.\d+) — ", text)
+        if not match:
+            continue
+        numbers.append(match.group(1))
+        solution = cells[i + 1]
+        assert solution["cell_type"] == "code", (
+            f"{path.name}: exercise {match.group(1)} needs a solution cell"
+        )
+        assert "hide-cell" in solution["metadata"].get("tags", []), f"{path.name}: solution must be collapsed"
+        assert f"exercise_timer({path.stem!r}, {match.group(1)!r})" in sources[i + 1].replace('"', "'")
+    assert len(numbers) >= 2, f"{path.name}: at least two exercises"
+    assert len(set(numbers)) == len(numbers)
+    recap = [i for i, t in enumerate(sources) if t.startswith("## What we saw")]
+    assert recap and f"read_metrics({path.stem!r})" in sources[recap[0] + 1].replace('"', "'")
