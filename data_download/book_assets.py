@@ -8,10 +8,15 @@ against the integrity hash pinned below, and unpacks the files the pages use int
 
     DEST/mathjax/tex-mml-chtml.js (+ its fonts and extensions)   ← mathjax@3.2.2, folder es5/
     DEST/require.js                                              ← requirejs@2.3.7
-    DEST/html-manager/embed-amd.js (+ its chunks and fonts)      ← @jupyter-widgets/html-manager@1.0.6
+    DEST/@jupyter-widgets/html-manager/dist/embed-amd.js (+ fonts) ← @jupyter-widgets/html-manager@1.0.6
+    DEST/font-awesome/{css,fonts}/                                ← font-awesome@4.7.0
 
 ``_config.yml`` adds ``DEST`` (``_build/book_assets``) to the static files and points ``mathjax_path``
-and ``nb_ipywidgets_js`` at these copies. A second run finds the files and does nothing.
+and ``nb_ipywidgets_js`` at these copies. The HTML manager keeps its npm path below ``_static/`` because
+it finds its fonts relative to its RequireJS module name (``book/_static/widgets-offline.js`` maps that
+name to ``_static/@jupyter-widgets``). Font Awesome 4 is for matplotlib's animation player, which links
+it from a CDN (``book/_ext/offline_links.py`` rewrites that link). A second run finds the files and does
+nothing.
 
 Why npm and not PyPI: MathJax on PyPI comes as ``sphinx-mathjax-offline`` (0.0.2, one release in 2022,
 unmaintained) or ``jupyter-server-mathjax`` (MathJax 2, which Jupyter Book 1 no longer configures);
@@ -60,7 +65,19 @@ ASSETS: tuple[Asset, ...] = (
         "@jupyter-widgets/html-manager@1.0.6",
         "sha512-+Mn+Ra8wyIHrYaUpfmf9A3dsLkt/NuwzPQN8sthdxBD35VV5cOJbpmgMhNR27n/rmP3mKyEe0PWCJrtZrXTXDQ==",
         "dist",
-        "html-manager",
+        "@jupyter-widgets/html-manager/dist",
+    ),
+    Asset(
+        "font-awesome@4.7.0",
+        "sha512-U6kGnykA/6bFmg1M/oT9EkFeIYv7JlX3bozwQJWiiLz6L0w3F5vBVPxHlwyX/vtNq1ckcpRKOB9f2Qal/VtFpg==",
+        "css",
+        "font-awesome/css",
+    ),
+    Asset(
+        "font-awesome@4.7.0",
+        "sha512-U6kGnykA/6bFmg1M/oT9EkFeIYv7JlX3bozwQJWiiLz6L0w3F5vBVPxHlwyX/vtNq1ckcpRKOB9f2Qal/VtFpg==",
+        "fonts",
+        "font-awesome/fonts",
     ),
 )
 
