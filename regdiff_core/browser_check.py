@@ -160,14 +160,25 @@ def make_driver(width: int = 1280, height: int = 900):
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
-def full_page_png(driver) -> bytes:
-    """A PNG of the whole page (not just the window), through the DevTools protocol."""
-    metrics = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})
-    size = metrics.get("cssContentSize") or metrics["contentSize"]
-    clip = {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], 30000), "scale": 1}
-    shot = driver.execute_cdp_cmd(
-        "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip}
+def full_page_png(driver, width: int = 1280, max_height: int = 16000) -> bytes:
+    """A PNG of the whole page (not just the window): the viewport is made as tall as the page for the shot.
+
+    (``captureBeyondViewport`` alone shifted the layout and left images unpainted.) Pages taller than
+    ``max_height`` pixels, Chromium's texture limit, are cut there.
+    """
+    height = driver.execute_script(
+        "return Math.max(document.documentElement.scrollHeight, document.body.scrollHeight)"
     )
+    height = int(min(max(height, 1), max_height))
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+    )
+    try:
+        time.sleep(0.3)  # let the taller viewport lay out and paint
+        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png"})
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     return base64.b64decode(shot["data"])
 
 
