@@ -168,8 +168,12 @@ def markdown_table(rows: Sequence[dict[str, Any]], digits: int | None = None) ->
             return f"{v:.4g}" if digits is None else f"{v:.{digits}f}"
         return str(v)
 
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    def cell(text: Any) -> str:
+        # a bare | inside a header or value (|u|, |φ∘φ⁻¹ − id|) would split the cell
+        return str(text).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(k) for k in keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(fmt(r.get(k))) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -210,7 +214,7 @@ def summary_table(metrics: dict[str, Any]) -> str:
         if isinstance(v, list):
             sep = " × " if len(v) == 3 and all(isinstance(x, int) for x in v) else ", "
             return sep.join(fmt(x) for x in v)
-        return str(v).replace("|", "/").replace("\n", " ")
+        return str(v).replace("\n", " ")
 
     rows = [{"metric": f"`{k}`", "value": fmt(v)} for k, v in flatten_metrics(metrics)]
     return markdown_table(rows)

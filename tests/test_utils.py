@@ -103,7 +103,7 @@ def test_summary_table_flattens_and_formats_by_hand():
         "| `rows[0].steps` | 9 |",
         "| `rows[1].steps` | 10 |",
         "| `missing` | — |",
-        "| `note` | a/b |",
+        "| `note` | a\\|b |",
     ]
 
 
@@ -123,3 +123,13 @@ def test_exercise_timer_records_each_exercise_and_nothing_on_error(tmp_path):
     recorded = json.loads((tmp_path / "exercises" / "02_vqae.json").read_text())
     assert set(recorded) == {"2.1", "2.2"}
     assert 0 <= recorded["2.1"] < 1 and t["seconds"] >= 0
+
+
+def test_markdown_table_escapes_pipes_in_headers_and_values():
+    from regdiff_core.utils import markdown_table
+
+    assert markdown_table([{"max |u|": "a|b", "n": 1}]).splitlines() == [
+        "| max \\|u\\| | n |",
+        "|---|---|",
+        "| a\\|b | 1 |",
+    ]
