@@ -1,7 +1,8 @@
 # regdiff — the two commands a fresh machine needs are `make book` and `make test`.
 #
 #   make book        venv + install, download data, run every notebook (profile ci), build _build/html
-#   make test        venv + install, lint, unit tests, run every notebook (profile ci), build with -W
+#   make test        venv + install, lint, unit tests, run every notebook (profile ci), build with -W,
+#                    then open every page in headless Chromium (make browser-test)
 #   make gpu-check   paper-size timings of every stage on the current GPU → _build/gpu_check.json
 #
 # Variables: PROFILE (ci|colab|paper), DATA_DIR, WORK_DIR, DEVICE, TORCH_PIN.
@@ -34,7 +35,11 @@ else
 WITH_DATA :=
 endif
 
-.PHONY: install lint unit notebooks pages html book test gpu-check clean
+.PHONY: install lint unit notebooks pages book-assets html book browser-deps browser-test test release-check gpu-check clean
+
+# root installs system packages directly; anyone else through sudo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL := $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,8 +64,24 @@ notebooks: install
 pages: install
 	$(PY) -m regdiff_core.bookpages book/chapters
 
-html: install pages
+# MathJax, RequireJS and the widgets' HTML manager, shipped with the book so it works offline (npm registry)
+book-assets: install
+	command -v npm >/dev/null || { command -v apt-get >/dev/null && $(APT_INSTALL) npm; }
+	$(PY) -m data_download.book_assets _build/book_assets
+
+html: install pages book-assets
 	$(VENV)/bin/jupyter-book build . --warningiserror --keep-going
+
+# headless Chromium + its driver (Debian's packages; a GitHub runner already has Chrome and chromedriver)
+browser-deps:
+	@if command -v chromedriver >/dev/null && { command -v chromium || command -v google-chrome; } >/dev/null; then \
+		echo "browser-deps: $$(command -v chromium || command -v google-chrome), $$(command -v chromedriver)"; \
+	elif command -v apt-get >/dev/null; then $(APT_INSTALL) chromium chromium-driver; \
+	else echo "browser-deps: install Chromium and chromedriver" >&2; exit 1; fi
+
+# every page of _build/html in headless Chromium; full-page screenshots in _build/screenshots/
+browser-test: install browser-deps
+	$(PY) -m regdiff_core.browser_check _build/html --screenshots _build/screenshots --json _build/browser_check.json
 
 book: notebooks html
 	@echo "book: open _build/html/index.html"
@@ -68,7 +89,11 @@ book: notebooks html
 # CI: a fresh work folder, so every chapter trains from scratch.
 test: lint unit
 	rm -rf _build/test-work
-	$(MAKE) notebooks html WORK_DIR=_build/test-work PROFILE=ci
+	$(MAKE) notebooks html browser-test WORK_DIR=_build/test-work PROFILE=ci
+
+# before publishing: the tag the notebooks' Colab badges and setup cells install (v<version>) must exist
+release-check: install
+	REGDIFF_RELEASE_CHECK=1 $(VENV)/bin/pytest -q tests/test_repo.py -k "release or badge or version or repository"
 
 gpu-check: install
 	$(PY) -m regdiff_core.gpu_check --out _build/gpu_check.json

@@ -8,6 +8,10 @@
   ``paper``); below it, what those fields mean (their comments in ``config.py``) and the fields every
   profile shares. Nobody types these
   numbers, so the page cannot drift from the code.
+- ``OUT_DIR/exercises_table.md`` — every exercise of the chapters (its number and title, read from the
+  ``:::{admonition} Exercise N.M — title`` cells of ``notebooks/``) with the seconds its solution took in
+  the run that built the book (``_build/metrics/exercises/<notebook>.json``, written by
+  :func:`regdiff_core.utils.exercise_timer`). ``book/teachers.md`` includes it.
 - ``OUT_DIR/ci_costs_table.md`` — seconds per chapter, read from the ``seconds`` key of each chapter's
   metrics file (``_build/metrics/<notebook>.json``, written by the chapter itself) and, when present,
   the papermill wall time per notebook from ``runbook.json``. Without those files it says so.
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from regdiff_core import config
-from regdiff_core.utils import metrics_dir
+from regdiff_core.utils import EXERCISES_DIR, REPO_ROOT, metrics_dir
 
 #: Column order of the profile tables; profiles not listed here follow in the order of ``PROFILES``.
 PROFILE_ORDER: tuple[str, ...] = ("ci", "colab", "paper")
@@ -243,18 +247,90 @@ def ci_costs_markdown(directory: Path | None = None) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Exercises, for the teachers' page
+# --------------------------------------------------------------------------------------------------
+
+_EXERCISE = re.compile(r"^:::\{admonition\} Exercise (?P<number>\d+\.\d+) — (?P<title>.+)$", re.M)
+_CHANGE = re.compile(r"\*\*Change:\*\*\s*(?P<change>.+?)(?=\*\*Predict|\n:::|$)", re.S)
+
+
+def list_exercises(notebooks_dir: Path) -> list[dict[str, str]]:
+    """``[{"notebook", "number", "title", "change"}]`` for every exercise cell of ``notebooks_dir/NN_*.ipynb``."""
+    found = []
+    for path in sorted(Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb")):
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        for cell in cells:
+            if cell["cell_type"] != "markdown":
+                continue
+            text = "".join(cell["source"])
+            for match in _EXERCISE.finditer(text):
+                change = _CHANGE.search(text[match.end() :])
+                found.append(
+                    {
+                        "notebook": path.stem,
+                        "number": match.group("number"),
+                        "title": match.group("title").strip(),
+                        "change": " ".join(change.group("change").split()) if change else "",
+                    }
+                )
+    return found
+
+
+def exercises_markdown(notebooks_dir: Path | None = None, directory: Path | None = None) -> str:
+    """Markdown table: chapter, exercise, what it changes, and its solution's measured seconds."""
+    notebooks_dir = REPO_ROOT / "notebooks" if notebooks_dir is None else Path(notebooks_dir)
+    directory = metrics_dir() if directory is None else Path(directory)
+    exercises = list_exercises(notebooks_dir)
+    out = [_GENERATED_NOTE, ""]
+    if not exercises:
+        out.append("No exercises found in the notebooks.")
+        return "\n".join(out) + "\n"
+    _, runbook = read_chapter_seconds(directory)
+    profile = runbook.get("profile")
+    where = f"profile `{profile}`" if profile else "the profile of that run (not recorded)"
+    out.append(f"Solution run times measured in the run that built this book ({where}).")
+    out.append("")
+    out.append("| chapter | exercise | what the reader changes | solution run time |")
+    out.append("| --- | --- | --- | ---: |")
+    times: dict[str, dict[str, Any]] = {}
+    total, measured = 0.0, 0
+    for ex in exercises:
+        if ex["notebook"] not in times:
+            path = directory / EXERCISES_DIR / f"{ex['notebook']}.json"
+            try:
+                times[ex["notebook"]] = json.loads(path.read_text()) if path.is_file() else {}
+            except (OSError, json.JSONDecodeError):
+                times[ex["notebook"]] = {}
+        seconds = times[ex["notebook"]].get(ex["number"])
+        if isinstance(seconds, int | float) and not isinstance(seconds, bool):
+            total += float(seconds)
+            measured += 1
+        else:
+            seconds = None
+        cell = _fmt_seconds(seconds) if seconds is not None else "not run"
+        out.append(
+            f"| `{ex['notebook']}` | {ex['number']} {_cell(ex['title'])} | {_cell(ex['change'])} | {cell} |"
+        )
+    out.append(
+        f"| **all {len(exercises)}** | | {measured} measured | {_fmt_seconds(total) if measured else '—'} |"
+    )
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
 
 
 def write_pages(out_dir: Path, metrics: Path | None = None) -> list[Path]:
-    """Write ``profiles_table.md`` and ``ci_costs_table.md`` into ``out_dir``; return their paths."""
+    """Write ``profiles_table.md``, ``ci_costs_table.md`` and ``exercises_table.md``; return their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in (
         ("profiles_table.md", profiles_markdown()),
         ("ci_costs_table.md", ci_costs_markdown(metrics)),
+        ("exercises_table.md", exercises_markdown(directory=metrics)),
     ):
         path = out_dir / name
         path.write_text(text, encoding="utf-8")

@@ -721,15 +721,18 @@ def token_slice_rgb(x: torch.Tensor, mask_id: int, axis: int = 1, index: int | N
     return np.swapaxes(rgb, 0, 1)
 
 
-def plot_token_grids(grids, titles, mask_id: int, axis: int = 1, size: float = 2.4):
-    """Middle slices of several token grids (h, w, d) side by side; grey = masked."""
+def plot_token_grids(grids, titles, mask_id: int, axis: int = 1, size: float = 2.0):
+    """Middle slices of several token grids (h, w, d) side by side; grey = masked.
+
+    Titles at 12 pt: the figure is scaled down to the page's width, where 9 pt was too small to read.
+    """
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(grids), figsize=(size * len(grids), size * 1.1), constrained_layout=True,
                              squeeze=False)  # fmt: skip
     for ax, x, title in zip(axes[0], grids, titles):
         ax.imshow(token_slice_rgb(x, mask_id, axis), origin="lower", interpolation="nearest")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=12)
         ax.set_xticks([])
         ax.set_yticks([])
     return fig

@@ -7,6 +7,10 @@ without executing anything, so the published book shows the outputs of exactly t
 stores the ipywidgets state in each executed notebook, so the widgets render on the page.
 
 The notebook sources are never rewritten: the profile and folders travel as papermill parameters.
+The folders are passed *relative to the notebooks' folder* (the kernel's working directory), so no
+absolute path of the build machine is printed on a page; and the cell papermill injects with them is
+tagged ``remove-cell`` in the executed copy, so the book does not show it (the values are on the
+profiles page).
 """
 
 from __future__ import annotations
@@ -20,6 +24,39 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from regdiff_core.utils import REPO_ROOT, metrics_dir
+
+#: Tag papermill gives the cell it injects; myst-nb leaves cells tagged ``remove-cell`` off the page.
+INJECTED_TAG = "injected-parameters"
+HIDE_TAG = "remove-cell"
+
+
+def relative_to(path: Path, start: Path) -> str:
+    """``path`` relative to ``start`` (``../data``), or absolute where no relative path exists (another drive)."""
+    try:
+        return os.path.relpath(Path(path).resolve(), Path(start).resolve())
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+def hide_injected_parameters(notebook: Path) -> int:
+    """Tag papermill's injected-parameters cell(s) of ``notebook`` with ``remove-cell``; return how many.
+
+    Rewrites the file atomically (temporary file + rename).
+    """
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    count = 0
+    for cell in nb.cells:
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if INJECTED_TAG in tags:
+            count += 1
+            if HIDE_TAG not in tags:
+                tags.append(HIDE_TAG)
+    tmp = notebook.with_name(f".{notebook.name}.tmp")
+    nbformat.write(nb, tmp)
+    os.replace(tmp, notebook)
+    return count
 
 
 def notebook_paths(folder: Path) -> list[Path]:
@@ -47,8 +84,9 @@ def run_notebooks(
     os.environ.setdefault("REGDIFF_METRICS_DIR", str(metrics_dir().resolve()))
     params = {
         "profile": profile,
-        "data_dir": str(data_dir.resolve()),
-        "work_dir": str(work_dir.resolve()),
+        # relative to the kernel's working directory (the notebooks' folder): nothing machine-specific
+        "data_dir": relative_to(data_dir, notebooks_dir),
+        "work_dir": relative_to(work_dir, notebooks_dir),
         "device": device,
         "seed": seed,
     }
@@ -70,6 +108,7 @@ def run_notebooks(
                 f"          the executed copy with the traceback is {dst}"
             ) from None
         seconds[src.stem] = round(time.perf_counter() - t0, 1)
+        hide_injected_parameters(dst)
         print(f"[runbook] {src.name}: {seconds[src.stem]:.1f} s", flush=True)
     summary = Path(os.environ["REGDIFF_METRICS_DIR"]) / "runbook.json"
     summary.parent.mkdir(parents=True, exist_ok=True)

@@ -606,21 +606,32 @@ def plot_unmasking_strip(
 
     from regdiff_core.data import plot_mip_overlay
 
+    # at most 4 frames per row: 8 frames in one row made every label unreadably small at the page's width
     n = len(frames)
-    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), constrained_layout=True, squeeze=False)
+    per_row = min(n, 4)
+    rows = -(-n // per_row)
+    fig, axes = plt.subplots(
+        2 * rows, per_row, figsize=(2.3 * per_row, 2.4 * 2 * rows), constrained_layout=True, squeeze=False
+    )
+    for ax in axes.flat:
+        ax.set_axis_off()
     for k, frame in enumerate(frames):
-        axes[0, k].imshow(token_slice_rgb(frame.x_t, mask_id, axis), origin="lower", interpolation="nearest")
-        axes[0, k].set_title(f"step {frame.step}\n{100 * frame.unmasked:.0f}% unmasked", fontsize=9)
-        plot_mip_overlay(frame.probs[0], frame.probs[1], axis=axis, ax=axes[1, k])
-        for ax in axes[:, k]:
+        top, bottom = axes[2 * (k // per_row), k % per_row], axes[2 * (k // per_row) + 1, k % per_row]
+        top.set_axis_on()
+        bottom.set_axis_on()
+        top.imshow(token_slice_rgb(frame.x_t, mask_id, axis), origin="lower", interpolation="nearest")
+        top.set_title(f"step {frame.step}: {100 * frame.unmasked:.0f}% unmasked", fontsize=11)
+        plot_mip_overlay(frame.probs[0], frame.probs[1], axis=axis, ax=bottom)
+        for ax in (top, bottom):
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_xlabel("")
             ax.set_ylabel("")
-    axes[0, 0].set_ylabel("tokens (slice)")
-    axes[1, 0].set_ylabel("decoded guess (MIP)")
+        if k % per_row == 0:
+            top.set_ylabel("tokens (slice)", fontsize=11)
+            bottom.set_ylabel("decoded guess (MIP)", fontsize=11)
     if suptitle:
-        fig.suptitle(suptitle)
+        fig.suptitle(suptitle, fontsize=11)
     return fig
 
 

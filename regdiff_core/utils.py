@@ -240,6 +240,74 @@ def markdown_table(rows: Sequence[dict[str, Any]], digits: int | None = None) ->
             return f"{v:.4g}" if digits is None else f"{v:.{digits}f}"
         return str(v)
 
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    def cell(text: Any) -> str:
+        # a bare | inside a header or value (|u|, |φ∘φ⁻¹ − id|) would split the cell
+        return str(text).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(k) for k in keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(fmt(r.get(k))) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested metrics as ``[(dotted key, leaf value)]`` in insertion order.
+
+    Dicts nest with ``.`` (``regimes.real_all.final_loss``); a list of dicts is numbered
+    (``restart_comparison[0].steps``); a list of scalars stays one value.
+    """
+    out: list[tuple[str, Any]] = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out += flatten_metrics(value, prefix=name + ".") if value else [(name, "{}")]
+        elif isinstance(value, list | tuple) and value and all(isinstance(v, dict) for v in value):
+            for i, item in enumerate(value):
+                out += flatten_metrics(item, prefix=f"{name}[{i}].")
+        else:
+            out.append((name, value))
+    return out
+
+
+def summary_table(metrics: dict[str, Any]) -> str:
+    """A chapter's metrics dict as a two-column Markdown table (``metric``, ``value``), for the page.
+
+    Floats to 4 significant digits, lists of numbers as ``64 × 52 × 64`` for three and comma-separated
+    otherwise, None as "—"; nested dicts flattened by :func:`flatten_metrics`.
+    """
+
+    def fmt(v: Any) -> str:
+        v = _jsonable(v)
+        if v is None:
+            return "—"
+        if isinstance(v, bool):
+            return str(v)
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, list):
+            sep = " × " if len(v) == 3 and all(isinstance(x, int) for x in v) else ", "
+            return sep.join(fmt(x) for x in v)
+        return str(v).replace("\n", " ")
+
+    rows = [{"metric": f"`{k}`", "value": fmt(v)} for k, v in flatten_metrics(metrics)]
+    return markdown_table(rows)
+
+
+#: Where :func:`exercise_timer` records how long each exercise's solution took (one file per notebook).
+EXERCISES_DIR = "exercises"
+
+
+@contextlib.contextmanager
+def exercise_timer(notebook: str, exercise: str, directory: Path | None = None) -> Iterator[dict[str, float]]:
+    """Time an exercise's solution and add ``{exercise: seconds}`` to ``<metrics>/exercises/<notebook>.json``.
+
+    The "For teachers" page lists these times; nothing is recorded if the block raises.
+    """
+    folder = (Path(directory) if directory is not None else metrics_dir()) / EXERCISES_DIR
+    out: dict[str, float] = {}
+    start = time.perf_counter()
+    yield out
+    out["seconds"] = time.perf_counter() - start
+    path = folder / f"{notebook}.json"
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    recorded[exercise] = round(out["seconds"], 2)
+    write_metrics(notebook, recorded, directory=folder)

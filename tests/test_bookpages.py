@@ -152,3 +152,52 @@ def test_main_writes_both_fragments(tmp_path, monkeypatch, toy_profiles):
     monkeypatch.setenv("REGDIFF_METRICS_DIR", str(metrics))
     assert bookpages.main([str(tmp_path / "again")]) == 0
     assert "06_evaluation" in (tmp_path / "again" / "ci_costs_table.md").read_text()
+
+
+def _notebook(path, *markdown_cells):
+    cells = [{"cell_type": "markdown", "metadata": {}, "source": text} for text in markdown_cells]
+    cells.insert(1, {"cell_type": "code", "metadata": {}, "outputs": [], "source": "x = 1"})
+    path.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+
+
+def test_exercises_table_lists_notebook_exercises_with_measured_times(tmp_path):
+    nbs = tmp_path / "notebooks"
+    nbs.mkdir()
+    _notebook(
+        nbs / "01_data.ipynb",
+        "# 1. Data",
+        ":::{admonition} Exercise 1.1 — dilate once more\n:class: tip\n\n"
+        "**Change:** dilate the masks\nonce more. **Predict:** the fraction.\n:::",
+        ":::{admonition} Exercise 1.2 — move the frame\n:class: tip\n\n**Change:** shift it. **Predict:** x\n:::",
+    )
+    _notebook(nbs / "02_vqae.ipynb", ":::{admonition} Exercise 2.1 — codes\n\n**Change:** K = 24.\n:::")
+    (nbs / "notes.ipynb").write_text("not a chapter")  # not NN_*: ignored
+    metrics = tmp_path / "metrics"
+    (metrics / "exercises").mkdir(parents=True)
+    (metrics / "exercises" / "01_data.json").write_text(json.dumps({"1.1": 2.5, "1.2": 12.4}))
+    (metrics / "runbook.json").write_text(json.dumps({"profile": "ci", "seconds": {}}))
+    found = bookpages.list_exercises(nbs)
+    assert [(e["notebook"], e["number"], e["title"]) for e in found] == [
+        ("01_data", "1.1", "dilate once more"),
+        ("01_data", "1.2", "move the frame"),
+        ("02_vqae", "2.1", "codes"),
+    ]
+    assert found[0]["change"] == "dilate the masks once more."  # up to **Predict:**, whitespace joined
+    assert found[2]["change"] == "K = 24."  # up to the closing fence
+    md = bookpages.exercises_markdown(nbs, metrics)
+    assert "profile `ci`" in md
+    assert "| `01_data` | 1.1 dilate once more | dilate the masks once more. | 2.5 s |" in md
+    assert "| `01_data` | 1.2 move the frame | shift it. | 12 s |" in md
+    assert "| `02_vqae` | 2.1 codes | K = 24. | not run |" in md
+    assert "| **all 3** | | 2 measured | 15 s |" in md  # 2.5 + 12.4 = 14.9
+
+
+def test_exercises_table_of_the_real_notebooks_has_two_per_chapter(tmp_path):
+    found = bookpages.list_exercises(bookpages.REPO_ROOT / "notebooks")
+    per_chapter = {}
+    for ex in found:
+        per_chapter.setdefault(ex["notebook"], []).append(ex)
+        assert ex["number"].split(".")[0] == str(int(ex["notebook"][:2])), ex
+        assert ex["change"], f"exercise {ex['number']} says what to change"
+    assert len(per_chapter) == 6
+    assert all(len(v) >= 2 for v in per_chapter.values()), {k: len(v) for k, v in per_chapter.items()}

@@ -1,6 +1,7 @@
 """Repository hygiene: notebooks committed clean and well-formed, environment.yml in step with pyproject."""
 
 import json
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -76,3 +77,89 @@ def test_environment_yml_lists_the_same_packages_as_pyproject():
 def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     assert "make test" in (ROOT / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------------
+# One source for the repository address and the version: pyproject.toml
+# --------------------------------------------------------------------------------------------------
+
+
+def _project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def release_ref() -> tuple[str, str]:
+    """(repository URL, git ref the book installs): pyproject's Repository URL and ``v<version>``."""
+    project = _project()
+    return project["urls"]["Repository"].rstrip("/"), f"v{project['version']}"
+
+
+def test_package_version_is_pyprojects():
+    import regdiff_core
+
+    assert regdiff_core.__version__ == _project()["version"]
+
+
+def test_book_config_points_at_the_repository():
+    url, _ = release_ref()
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert config["repository"]["url"].rstrip("/") == url
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_badge_and_setup_cell_use_the_release_ref(path):
+    url, ref = release_ref()
+    owner_name = re.match(r"https://github\.com/([^/]+/[^/]+)$", url)
+    assert owner_name, f"pyproject's Repository URL {url!r} is not https://github.com/OWNER/NAME"
+    cells = json.loads(path.read_text())["cells"]
+    badge = f"https://colab.research.google.com/github/{owner_name.group(1)}/blob/{ref}/notebooks/{path.name}"
+    assert f"]({badge})" in "".join(cells[0]["source"]), f"{path.name}: the Colab badge must link {badge}"
+    setup = "".join(cells[1]["source"])
+    install = f'%pip install -q "regdiff @ git+{url}@{ref}"'
+    assert install in setup, f"{path.name}: the setup cell must run {install}"
+    assert len(re.findall(r"git\+https://", setup)) == 1
+
+
+@pytest.mark.skipif(
+    os.environ.get("REGDIFF_RELEASE_CHECK") != "1",
+    reason="release check: `make release-check` (the tag v<version> is created when that version is released)",
+)
+def test_release_ref_exists_in_this_repository():
+    """The tag the badges and setup cells name must exist, or Colab installs nothing (`git tag v<version>`)."""
+    import shutil
+    import subprocess
+
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout (e.g. an sdist): no refs to check")
+    _, ref = release_ref()
+    found = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"refs/tags/{ref}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
+    assert found.returncode == 0, (
+        f"tag {ref} does not exist in this repository; the notebooks install `regdiff @ git+…@{ref}`. "
+        f"Create it on the release commit: git tag {ref}"
+    )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_exercise_has_a_hidden_timed_solution_and_the_chapter_a_recap(path):
+    cells = json.loads(path.read_text())["cells"]
+    sources = ["".join(c["source"]) for c in cells]
+    numbers = []
+    for i, text in enumerate(sources):
+        match = re.match(r":::\{admonition\} Exercise (\d+\.\d+) — ", text)
+        if not match:
+            continue
+        numbers.append(match.group(1))
+        solution = cells[i + 1]
+        assert solution["cell_type"] == "code", (
+            f"{path.name}: exercise {match.group(1)} needs a solution cell"
+        )
+        assert "hide-cell" in solution["metadata"].get("tags", []), f"{path.name}: solution must be collapsed"
+        assert f"exercise_timer({path.stem!r}, {match.group(1)!r})" in sources[i + 1].replace('"', "'")
+    assert len(numbers) >= 2, f"{path.name}: at least two exercises"
+    assert len(set(numbers)) == len(numbers)
+    recap = [i for i, t in enumerate(sources) if t.startswith("## What we saw")]
+    assert recap and f"read_metrics({path.stem!r})" in sources[recap[0] + 1].replace('"', "'")

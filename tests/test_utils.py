@@ -69,3 +69,67 @@ def test_markdown_table_formats_shapes_floats_and_missing_values():
     ]
     assert markdown_table(rows, digits=1).splitlines()[2] == "| 64×52×64 | 0.3 | 3 |"
     assert markdown_table([]) == ""
+
+
+def test_summary_table_flattens_and_formats_by_hand():
+    from regdiff_core.utils import flatten_metrics, summary_table
+
+    metrics = {
+        "shape": [64, 52, 64],
+        "cases": ["104", "105"],
+        "regimes": {"real_all": {"final_loss": 0.123456, "n": 3}},
+        "rows": [{"steps": 9}, {"steps": 10}],
+        "missing": None,
+        "note": "a|b",
+    }
+    assert flatten_metrics(metrics) == [
+        ("shape", [64, 52, 64]),
+        ("cases", ["104", "105"]),
+        ("regimes.real_all.final_loss", 0.123456),
+        ("regimes.real_all.n", 3),
+        ("rows[0].steps", 9),
+        ("rows[1].steps", 10),
+        ("missing", None),
+        ("note", "a|b"),
+    ]
+    lines = summary_table(metrics).splitlines()
+    assert lines[0] == "| metric | value |"
+    assert lines[1] == "|---|---|"
+    assert lines[2:] == [
+        "| `shape` | 64 × 52 × 64 |",
+        "| `cases` | 104, 105 |",
+        "| `regimes.real_all.final_loss` | 0.1235 |",
+        "| `regimes.real_all.n` | 3 |",
+        "| `rows[0].steps` | 9 |",
+        "| `rows[1].steps` | 10 |",
+        "| `missing` | — |",
+        "| `note` | a\\|b |",
+    ]
+
+
+def test_exercise_timer_records_each_exercise_and_nothing_on_error(tmp_path):
+    import json
+
+    import pytest
+
+    from regdiff_core.utils import exercise_timer
+
+    with exercise_timer("02_vqae", "2.1", directory=tmp_path) as t:
+        pass
+    with exercise_timer("02_vqae", "2.2", directory=tmp_path):
+        pass
+    with pytest.raises(RuntimeError), exercise_timer("02_vqae", "2.3", directory=tmp_path):
+        raise RuntimeError("a failing solution")
+    recorded = json.loads((tmp_path / "exercises" / "02_vqae.json").read_text())
+    assert set(recorded) == {"2.1", "2.2"}
+    assert 0 <= recorded["2.1"] < 1 and t["seconds"] >= 0
+
+
+def test_markdown_table_escapes_pipes_in_headers_and_values():
+    from regdiff_core.utils import markdown_table
+
+    assert markdown_table([{"max |u|": "a|b", "n": 1}]).splitlines() == [
+        "| max \\|u\\| | n |",
+        "|---|---|",
+        "| a\\|b | 1 |",
+    ]
