@@ -219,7 +219,8 @@ def test_cli_trains_and_evaluates_a_regime(prepared_ci, tmp_path):
     out = tmp_path / "real_few.json"
     assert main(["evaluate", "--checkpoint", "real_few", "--tta", "1", "--json", str(out), *common]) == 0
     result = json.loads(out.read_text())
-    assert result["tta_iterations"] == 1 and len(result["per_case"]) == 6
+    assert result["tta_iterations"] == 1
+    assert len(result["per_case"]) == len(get_profile("ci").data.test_cases)
     assert result["summary"]["tre_tta"] is not None and result["summary"]["n_landmarks"] > 1000
 
 
