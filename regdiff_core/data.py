@@ -473,9 +473,10 @@ def input_record(paths: Sequence[Path], root: Path) -> dict[str, list]:
     from data_download import file_hash
 
     out = {}
+    root = Path(root).resolve()  # the downloader returns absolute paths; data_dir may be relative
     for path in paths:
         st = path.stat()
-        out[path.relative_to(root).as_posix()] = [st.st_size, st.st_mtime_ns, file_hash(path)]
+        out[Path(path).resolve().relative_to(root).as_posix()] = [st.st_size, st.st_mtime_ns, file_hash(path)]
     return out
 
 

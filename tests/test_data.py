@@ -6,6 +6,8 @@ CSVs and landmark file), never from this module's output.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -390,3 +392,14 @@ def test_case_lists_agree_with_the_download_manifest():
         case = layout.train_cases[0]
         expected = tuple(p.as_posix() for p in data.pair_paths("", layout.train_folder, case))
         assert DATASETS[dataset].pair(case) == expected
+
+
+def test_input_record_takes_a_relative_data_dir(tmp_path, monkeypatch):
+    # the notebooks get data_dir relative to notebooks/ ("../data") while downloads return absolute paths
+    (tmp_path / "data" / "ds").mkdir(parents=True)
+    (tmp_path / "nb").mkdir()
+    f = tmp_path / "data" / "ds" / "case_1.nii.gz"
+    f.write_bytes(b"abc")
+    monkeypatch.chdir(tmp_path / "nb")
+    record = data.input_record([f], Path("../data/ds"))
+    assert list(record) == ["case_1.nii.gz"] and record["case_1.nii.gz"][0] == 3
