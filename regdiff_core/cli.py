@@ -48,13 +48,35 @@ def common_parser() -> argparse.ArgumentParser:
 
 
 def profile_from_args(args: argparse.Namespace) -> Profile:
+    """The profile named by ``--profile`` with the ``--set`` overrides; for every stage after ``prepare``,
+    the case lists of a prepared ``--work-dir`` are adopted unless ``--set`` names them
+    (:func:`regdiff_core.data.adopt_prepared_cases`)."""
     overrides = {}
     for item in args.overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected STAGE.FIELD=VALUE")
         overrides[key.strip()] = value.strip()
-    return get_profile(args.profile, overrides)
+    profile = get_profile(args.profile, overrides)
+    if getattr(args, "stage", None) not in (None, "prepare", "gpu-check") and getattr(args, "work_dir", None):
+        from regdiff_core.data import adopt_prepared_cases
+
+        profile = adopt_prepared_cases(profile, args.work_dir, explicit=tuple(overrides))
+    return profile
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input or a missing earlier stage: printed as ``error: …``, no traceback."""
+    from regdiff_core.data import DataError
+
+    errors: list[type[BaseException]] = [ConfigError, DataError, FileNotFoundError]
+    try:
+        from data_download import DownloadError
+
+        errors.append(DownloadError)
+    except ImportError:  # pragma: no cover - the package ships with regdiff_core
+        pass
+    return tuple(errors)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile = profile_from_args(args)
     except ConfigError as err:
         parser.error(str(err))
-    result = args.func(args, profile)
+    try:
+        result = args.func(args, profile)
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

@@ -202,25 +202,80 @@ class Profile:
         return dataclasses.asdict(self)
 
 
-def _coerce(current: Any, value: Any, key: str) -> Any:
-    """Turn CLI strings ("10", "0.5", "true", "8,16,32") into the type of the current value."""
-    if not isinstance(value, str) or isinstance(current, str):
-        return tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
+def case_id(value: Any) -> str:
+    """A case id as the datasets spell it: ``2`` or ``"2"`` → ``"002"``; anything else unchanged (as text)."""
+    text = str(value).strip()
+    return f"{int(text):03d}" if text.isdigit() else text
+
+
+#: Words that turn a ``None``-able field back to ``None`` (for case lists: every case of the dataset).
+_NONE_WORDS = {"none", "all", "null", ""}
+
+
+def _field_type(key: str) -> Any:
+    """The annotated type of ``stage.field`` (resolved), or None when it cannot be found."""
+    import typing
+
+    stage, _, name = key.partition(".")
     try:
-        if isinstance(current, bool):
+        return typing.get_type_hints(STAGES[stage]).get(name)
+    except (KeyError, NameError, TypeError):
+        return None
+
+
+def _coerce(current: Any, value: Any, key: str) -> Any:
+    """Turn CLI strings ("10", "0.5", "true", "8,16,32", "032,033", "all") into the field's type.
+
+    The type comes from the field's annotation, so a field whose default is ``None`` (``data.train_cases``:
+    ``tuple[str, ...] | None``) reads "032,033" as a tuple of strings; "none" or "all" give ``None``
+    where the annotation allows it (for case lists: every case). Case ids (fields ``*_cases``) are
+    normalised to three digits, ``2`` → ``"002"``, as ``data_download`` accepts them.
+    """
+    import types
+    import typing
+
+    hint = _field_type(key)
+    args = (
+        typing.get_args(hint)
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+        else ()
+    )
+    optional = type(None) in args
+    kinds = [a for a in args if a is not type(None)] if args else ([hint] if hint is not None else [])
+    kind = kinds[0] if len(kinds) == 1 else None
+    if kind is None and current is not None:
+        kind = type(current)
+    is_tuple = kind is tuple or typing.get_origin(kind) is tuple
+    item_kind = (typing.get_args(kind) or (str,))[0] if typing.get_origin(kind) is tuple else None
+    if is_tuple and item_kind is None:
+        item_kind = type(current[0]) if isinstance(current, tuple) and current else str
+    cases = key.endswith("_cases")
+
+    if not isinstance(value, str):
+        if is_tuple and isinstance(value, list | tuple):
+            return tuple(case_id(v) for v in value) if cases else tuple(value)
+        return value
+    if optional and value.strip().lower() in _NONE_WORDS:
+        return None
+    if kind is str:
+        return value
+    try:
+        if kind is bool:
             if value.lower() not in {"true", "false", "1", "0", "yes", "no"}:
                 raise ValueError(value)
             return value.lower() in {"true", "1", "yes"}
-        if isinstance(current, int):
+        if kind is int:
             return int(value)
-        if isinstance(current, float) or current is None:
-            return None if value.lower() == "none" else float(value)
-        if isinstance(current, tuple):
+        if kind is float:
+            return float(value)
+        if is_tuple:
             items = [v.strip() for v in value.split(",") if v.strip()]
-            kind = type(current[0]) if current else str
-            return tuple(kind(v) for v in items)
+            if cases:
+                return tuple(case_id(v) for v in items)
+            return tuple(item_kind(v) for v in items)
     except ValueError as err:
-        raise ConfigError(f"override {key!r}: cannot read {value!r} as {type(current).__name__}") from err
+        what = getattr(kind, "__name__", None) or str(hint or type(current).__name__)
+        raise ConfigError(f"override {key!r}: cannot read {value!r} as {what}") from err
     return value
 
 

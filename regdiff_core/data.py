@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from regdiff_core import utils
-from regdiff_core.config import ALL_TEST_CASES, CANONICAL_SHAPE, RELEASE_TRAIN_CASES
+from regdiff_core.config import ALL_TEST_CASES, CANONICAL_SHAPE, RELEASE_TRAIN_CASES, case_id
 
 # --------------------------------------------------------------------------------------------------
 # Datasets and where their files live (paths relative to ``data_dir / <dataset>``)
@@ -433,11 +433,11 @@ def split_spec(profile, split: str) -> tuple[str, str, tuple[str, ...], bool]:
         if cfg.train_dataset not in DATASETS:
             raise DataError(f"unknown train_dataset {cfg.train_dataset!r}; choose one of {sorted(DATASETS)}")
         layout = DATASETS[cfg.train_dataset]
-        cases = tuple(cfg.train_cases) if cfg.train_cases is not None else layout.train_cases
+        cases = tuple(map(case_id, cfg.train_cases)) if cfg.train_cases is not None else layout.train_cases
         _check_cases(cases, layout.train_cases, f"{cfg.train_dataset} training")
         return cfg.train_dataset, layout.train_folder, cases, not layout.dilated
     if split == "test":
-        cases = tuple(cfg.test_cases) if cfg.test_cases is not None else ALL_TEST_CASES
+        cases = tuple(map(case_id, cfg.test_cases)) if cfg.test_cases is not None else ALL_TEST_CASES
         _check_cases(cases, ALL_TEST_CASES, "test (with landmarks)")
         return RELEASE, TEST_FOLDER, cases, False
     raise DataError(f"unknown split {split!r}; choose one of {SPLITS}")
@@ -455,6 +455,56 @@ def _check_cases(cases: Sequence[str], valid: Sequence[str], what: str) -> None:
 
 def prepared_path(work_dir: str | Path, split: str) -> Path:
     return Path(work_dir) / "prepared" / f"{split}.pt"
+
+
+def prepared_metadata(work_dir: str | Path, split: str) -> dict[str, Any] | None:
+    """``{"dataset", "cases", "shape"}`` of the prepared ``split`` in ``work_dir``, or None when there is none.
+
+    Reads only the metadata (memory-mapped), so it is cheap even for the full-size cache.
+    """
+    path = prepared_path(work_dir, split)
+    if not path.is_file():
+        return None
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    if cached.get("format") != CACHE_FORMAT:
+        return None
+    return {
+        "dataset": cached.get("dataset"),
+        "cases": list(cached.get("cases", [])),
+        "shape": tuple(int(x) for x in cached.get("shape", ())),
+    }
+
+
+def adopt_prepared_cases(profile, work_dir: str | Path, explicit: Sequence[str] = ()):
+    """``profile`` with ``data.train_cases``/``data.test_cases`` taken from the cache in ``work_dir``.
+
+    A prepared work folder remembers which cases ``prepare`` was asked for, so the later stages need not
+    repeat ``--set data.test_cases=…``. Only splits prepared for the profile's dataset and shape are
+    adopted, and never a field named in ``explicit`` (the user's own ``--set`` keys win; a mismatch then
+    raises the usual clear error in :func:`load_pairs`).
+    """
+    overrides: dict[str, Any] = {}
+    shape = tuple(int(s) for s in profile.data.shape)
+    for split in SPLITS:
+        key = f"data.{split}_cases"
+        if key in explicit:
+            continue
+        meta = prepared_metadata(work_dir, split)
+        if meta is None or meta["shape"] != shape or not meta["cases"]:
+            continue
+        dataset = profile.data.train_dataset if split == "train" else RELEASE
+        if meta["dataset"] != dataset:
+            continue
+        try:
+            wanted = list(split_spec(profile, split)[2])
+        except DataError:  # the profile's own list is invalid: the cache's is what exists
+            wanted = None
+        if wanted != meta["cases"]:
+            overrides[key] = tuple(meta["cases"])
+    return profile.replace(overrides) if overrides else profile
 
 
 def _cache_matches(path: Path, dataset: str, cases: Sequence[str], shape: Sequence[int]) -> bool:
@@ -617,7 +667,8 @@ def load_pairs(profile, work_dir: str | Path, split: str) -> PairSet:
         raise DataError(
             f"{path} holds {cached.get('dataset')} cases {cached.get('cases')} at shape {tuple(cached.get('shape', ()))}, "
             f"but profile {profile.name!r} wants {dataset} cases {list(cases)} at {shape}; "
-            f"rerun `python -m regdiff_core prepare --profile {profile.name}`"
+            f"pass the same --set data.{split}_cases=… as to prepare, or prepare these cases into another "
+            f"--work-dir (`python -m regdiff_core prepare --profile {profile.name}` here replaces this cache)"
         )
     return PairSet(
         cases=list(cached["cases"]),
@@ -643,7 +694,7 @@ def load_landmarks(profile, data_dir: str | Path, cases: Sequence[str] | None = 
     """
     if cases is None:
         cases = profile.data.test_cases if profile.data.test_cases is not None else ALL_TEST_CASES
-    cases = [str(c) for c in cases]
+    cases = [case_id(c) for c in cases]
     _check_cases(cases, ALL_TEST_CASES, "landmark")
     path = Path(data_dir) / RELEASE / LANDMARKS_FILE
     if not path.is_file():

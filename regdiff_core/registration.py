@@ -619,9 +619,11 @@ def load_registration(
     if not path.exists():
         raise FileNotFoundError(f"registration checkpoint {path} does not exist")
     payload = torch.load(path, map_location="cpu", weights_only=False)
+    regime = None
     if isinstance(payload, dict) and "nets" in payload:
         cfg = RegistrationConfig(**_tuples(payload["config"]))
         states, dims, n_pairs = payload["nets"], payload.get("spatial_dims", 3), payload.get("n_pairs")
+        regime = payload.get("regime")
     elif isinstance(payload, list | tuple) and len(payload) == 2:  # the seed's released networks
         cfg, states, dims, n_pairs = released_config(profile), list(payload), 3, None
     else:
@@ -631,6 +633,7 @@ def load_registration(
         sd = clean_state_dict(sd)
         net.load_state_dict({k: v.float() if torch.is_floating_point(v) else v for k, v in sd.items()})
     model.n_train_pairs = n_pairs
+    model.regime = regime  # the regime it was trained on (chapter 5's model.pt), None for other files
     return model.to(device).eval()
 
 
@@ -663,10 +666,12 @@ def test_time_adapt(
     iterations: int,
     lr: float,
     amp: bool = False,
+    progress: bool = False,
 ) -> TTAResult:
     """Fine-tune copies of both networks on one pair (A, B): (1, 1, *S) on the registration grid.
 
     ``iterations`` greedy iterations with Adam(lr) per network and the training loss (paper: 50, 0.005).
+    ``progress``: a tqdm bar over the iterations (removed when done).
     """
     adapted = copy.deepcopy(model).train()
     optimizers = make_optimizers(adapted, lr)
@@ -674,7 +679,12 @@ def test_time_adapt(
     scaler = torch.amp.GradScaler(A.device.type, enabled=amp) if amp else None
     history = []
     t0 = time.perf_counter()
-    for _ in range(iterations):
+    steps: Any = range(iterations)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="TTA", leave=False)
+    for _ in steps:
         history.append(greedy_iteration(adapted, optimizers, A, B, scaler, amp))
     return TTAResult(adapted.eval(), history, time.perf_counter() - t0)
 
