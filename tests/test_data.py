@@ -388,7 +388,9 @@ def test_prepare_again_uses_the_cache_and_cli(prepared_ci, mirror_url, capsys):
 
 def test_stale_cache_is_refused(prepared_ci):
     other = get_profile("ci", {"data.shape": "128,104,128"})
-    with pytest.raises(data.DataError, match="rerun `python -m regdiff_core prepare"):
+    with pytest.raises(
+        data.DataError, match=r"same --set data.train_cases=… as to prepare.*another --work-dir"
+    ):
         data.load_pairs(other, prepared_ci.work_dir, "train")
 
 
