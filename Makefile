@@ -3,8 +3,11 @@
 #   make book        venv + install, download data, run every notebook (profile ci), build _build/html
 #   make test        venv + install, lint, unit tests, run every notebook (profile ci), build with -W
 #   make gpu-check   paper-size timings of every stage on the current GPU → _build/gpu_check.json
+#   make gpu-book    all six notebooks with profile gpu on one GPU → _build/gpu-book/ (not the published book)
+#   make smoke PROFILE=paper   every CLI stage once at the profile's full shapes, minimal work; seconds
+#                    and peak memory per stage → _build/smoke-<profile>/smoke.json (minutes on a CPU)
 #
-# Variables: PROFILE (ci|colab|paper), DATA_DIR, WORK_DIR, DEVICE, TORCH_PIN.
+# Variables: PROFILE (ci|gpu|colab|paper), DATA_DIR, WORK_DIR, DEVICE, TORCH_PIN.
 
 PYTHON    ?= python3
 VENV      ?= .venv
@@ -27,7 +30,7 @@ else
 WITH_DATA :=
 endif
 
-.PHONY: install lint unit notebooks pages html book test gpu-check clean
+.PHONY: install lint unit notebooks pages html book test gpu-check gpu-book smoke clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +68,20 @@ test: lint unit
 
 gpu-check: install
 	$(PY) -m regdiff_core.gpu_check --out _build/gpu_check.json
+
+# The gpu profile on one GPU: executed notebooks, work files and metrics in their own folder, so the ci
+# book and its metrics are left alone. Expected cost: see book/profiles.md (an estimate, not measured).
+GPU_BOOK ?= _build/gpu-book
+gpu-book: install
+	REGDIFF_METRICS_DIR=$(abspath $(GPU_BOOK))/metrics $(WITH_DATA) $(PY) -m regdiff_core.runbook \
+		--profile gpu --device $(if $(filter auto,$(DEVICE)),cuda,$(DEVICE)) --data-dir $(DATA_DIR) \
+		--work-dir $(GPU_BOOK)/work --out $(GPU_BOOK)/chapters
+	@echo "gpu-book: notebooks in $(GPU_BOOK)/chapters, metrics in $(GPU_BOOK)/metrics"
+
+# Not part of `make test`: on 2 CPU cores the paper profile takes many minutes (its full-size VQ-AE).
+smoke: install
+	$(WITH_DATA) $(PY) -m regdiff_core.smoke --profile $(PROFILE) --device $(DEVICE) --data-dir $(DATA_DIR) \
+		--work-dir _build/smoke-$(PROFILE)
 
 clean:
 	rm -rf _build book/chapters

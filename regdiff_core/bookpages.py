@@ -34,7 +34,7 @@ from regdiff_core import config
 from regdiff_core.utils import metrics_dir
 
 #: Column order of the profile tables; profiles not listed here follow in the order of ``PROFILES``.
-PROFILE_ORDER: tuple[str, ...] = ("ci", "colab", "paper")
+PROFILE_ORDER: tuple[str, ...] = ("ci", "gpu", "colab", "paper")
 
 #: Tuples of strings longer than this are shortened to "first, second, …, last (N)".
 _MAX_LISTED = 6

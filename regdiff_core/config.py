@@ -1,11 +1,14 @@
 """Named profiles: every size, count and hyperparameter a chapter needs, in one place.
 
-A *profile* collects one frozen dataclass per pipeline stage. Three profiles exist:
+A *profile* collects one frozen dataclass per pipeline stage. Four profiles exist:
 
 - ``ci``    — 2 CPU cores, minutes per chapter: reduced resolution, narrow networks, few cases.
               This is what the published book shows.
+- ``gpu``   — one H100-class GPU, minutes for the whole book: the release's 10 training pairs and every
+              test pair, half resolution (the paper's registration grid), colab's networks, short runs.
 - ``colab`` — one free 16 GB GPU, about an hour per chapter: half resolution, the full 97 pairs.
-- ``paper`` — exactly the sizes and hyperparameters of the paper's code (see ``shared/PAPER.md``).
+- ``paper`` — exactly the sizes and hyperparameters of the paper's code (see ``shared/PAPER.md``);
+              the few remaining differences from the seed are listed in ``book/profiles.md``.
 
 Notebooks and the CLI select a profile by name and may override a few values with dotted keys::
 
@@ -81,6 +84,8 @@ class VQAEConfig:
     iterations: int = 42000  # 336000 / batch 8
     restart_divisor: int = 7  # CosineAnnealingWarmRestarts(T_0 = ⌈iterations / 7⌉, T_mult = 2); paper: 6000
     dead_code_restart: bool = False  # the seed has none
+    #: whole volumes per encoder/decoder call in ``encode`` and the test reconstruction (memory ∝ batch)
+    encode_batch: int = 2
     amp: bool = True  # fp16 autocast, on CUDA only
     ckpt_every: int = 1000
     log_every: int = 100
@@ -315,6 +320,36 @@ PROFILES: dict[str, Profile] = {
         ),
         sampling=SamplingConfig(n_pairs=64, steps=128),
         registration=RegistrationConfig(scale=1.0, batch_size=4, iterations=600, n_synthetic=64),
+    ),
+    # one H100-class GPU, about 8 minutes for all six notebooks (an estimate, not measured: book/profiles.md
+    # argues it). The release's data (10 training pairs, every test pair), the registration grid of the
+    # paper (128×104×128, here at scale 1 of a half-resolution volume), colab's networks, short runs.
+    "gpu": Profile(
+        name="gpu",
+        data=DataConfig(
+            shape=(128, 104, 128), train_dataset="unleashing-registration", train_cases=RELEASE_TRAIN_CASES
+        ),
+        vqae=VQAEConfig(
+            channels=(32, 32, 64, 64, 128, 256),
+            strides=(1, 2, 1, 2, 1, 2),
+            codebook_size=512,
+            embed_dim=256,
+            patch_size=64,
+            batch_size=8,
+            lr=1e-3,
+            iterations=3000,
+            dead_code_restart=True,
+            encode_batch=4,
+            ckpt_every=500,
+        ),
+        diffusion=DiffusionConfig(
+            n_layers=8, width=384, n_heads=12, ff=768, warmup=200, iterations=3000, ckpt_every=500
+        ),
+        sampling=SamplingConfig(n_pairs=32, steps=64, batch_size=16, n_stats=32, steps_sweep=(64, 16, 4)),
+        registration=RegistrationConfig(
+            scale=1.0, batch_size=4, iterations=300, n_synthetic=32, ckpt_every=100
+        ),
+        evaluation=EvaluationConfig(tta_iterations=20),
     ),
     "ci": Profile(
         name="ci",
