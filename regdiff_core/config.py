@@ -337,13 +337,13 @@ PROFILES: dict[str, Profile] = {
             patch_size=64,
             batch_size=8,
             lr=1e-3,
-            iterations=3000,
+            iterations=2000,
             dead_code_restart=True,
             encode_batch=4,
             ckpt_every=500,
         ),
         diffusion=DiffusionConfig(
-            n_layers=8, width=384, n_heads=12, ff=768, warmup=200, iterations=3000, ckpt_every=500
+            n_layers=8, width=384, n_heads=12, ff=768, warmup=200, iterations=2000, ckpt_every=500
         ),
         sampling=SamplingConfig(n_pairs=32, steps=64, batch_size=16, n_stats=32, steps_sweep=(64, 16, 4)),
         registration=RegistrationConfig(
