@@ -31,7 +31,7 @@ STAGE_MODULES = (
 
 def common_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--profile", default="ci", help="ci | colab | paper (default: ci)")
+    common.add_argument("--profile", default="ci", help="ci | gpu | colab | paper (default: ci)")
     common.add_argument(
         "--data-dir", type=str, default=None, help="downloads (default $REGDIFF_DATA_DIR or ./data)"
     )
