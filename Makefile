@@ -4,8 +4,11 @@
 #   make test        venv + install, lint, unit tests, run every notebook (profile ci), build with -W,
 #                    then open every page in headless Chromium (make browser-test)
 #   make gpu-check   paper-size timings of every stage on the current GPU → _build/gpu_check.json
+#   make gpu-book    all six notebooks with profile gpu on one GPU → _build/gpu-book/ (not the published book)
+#   make smoke PROFILE=paper   every CLI stage once at the profile's full shapes, minimal work; seconds
+#                    and peak memory per stage → _build/smoke-<profile>/smoke.json (minutes on a CPU)
 #
-# Variables: PROFILE (ci|colab|paper), DATA_DIR, WORK_DIR, DEVICE, TORCH_PIN.
+# Variables: PROFILE (ci|gpu|colab|paper), DATA_DIR, WORK_DIR, DEVICE, TORCH_PIN.
 
 PYTHON    ?= python3
 VENV      ?= .venv
@@ -35,7 +38,7 @@ else
 WITH_DATA :=
 endif
 
-.PHONY: install lint unit notebooks pages book-assets html book browser-deps browser-test test release-check gpu-check clean
+.PHONY: install lint unit notebooks pages book-assets html book browser-deps browser-test test release-check gpu-check gpu-book smoke clean
 
 # root installs system packages directly; anyone else through sudo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -97,6 +100,20 @@ release-check: install
 
 gpu-check: install
 	$(PY) -m regdiff_core.gpu_check --out _build/gpu_check.json
+
+# The gpu profile on one GPU: executed notebooks, work files and metrics in their own folder, so the ci
+# book and its metrics are left alone. Expected cost: see book/profiles.md (an estimate, not measured).
+GPU_BOOK ?= _build/gpu-book
+gpu-book: install
+	REGDIFF_METRICS_DIR=$(abspath $(GPU_BOOK))/metrics $(WITH_DATA) $(PY) -m regdiff_core.runbook \
+		--profile gpu --device $(if $(filter auto,$(DEVICE)),cuda,$(DEVICE)) --data-dir $(DATA_DIR) \
+		--work-dir $(GPU_BOOK)/work --out $(GPU_BOOK)/chapters
+	@echo "gpu-book: notebooks in $(GPU_BOOK)/chapters, metrics in $(GPU_BOOK)/metrics"
+
+# Not part of `make test`: on 2 CPU cores the paper profile takes many minutes (its full-size VQ-AE).
+smoke: install
+	$(WITH_DATA) $(PY) -m regdiff_core.smoke --profile $(PROFILE) --device $(DEVICE) --data-dir $(DATA_DIR) \
+		--work-dir _build/smoke-$(PROFILE)
 
 clean:
 	rm -rf _build book/chapters

@@ -34,7 +34,7 @@ STAGE_MODULES = (
 
 def common_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--profile", default="ci", help="ci | colab | paper (default: ci)")
+    common.add_argument("--profile", default="ci", help="ci | gpu | colab | paper (default: ci)")
     common.add_argument(
         "--data-dir", type=str, default=None, help="downloads (default $REGDIFF_DATA_DIR or ./data)"
     )
@@ -51,13 +51,21 @@ def common_parser() -> argparse.ArgumentParser:
 
 
 def profile_from_args(args: argparse.Namespace) -> Profile:
+    """The profile named by ``--profile`` with the ``--set`` overrides; for every stage after ``prepare``,
+    the case lists of a prepared ``--work-dir`` are adopted unless ``--set`` names them
+    (:func:`regdiff_core.data.adopt_prepared_cases`)."""
     overrides = {}
     for item in args.overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected STAGE.FIELD=VALUE")
         overrides[key.strip()] = value.strip()
-    return get_profile(args.profile, overrides)
+    profile = get_profile(args.profile, overrides)
+    if getattr(args, "stage", None) not in (None, "prepare", "gpu-check") and getattr(args, "work_dir", None):
+        from regdiff_core.data import adopt_prepared_cases
+
+        profile = adopt_prepared_cases(profile, args.work_dir, explicit=tuple(overrides))
+    return profile
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,8 @@ The pipeline, one function per step (``prepare`` runs them all and caches the re
 2. **load** each inhale/exhale pair with nibabel and check it: both files exist, both have the same
    shape, and both hold label data (integers in {0, 1, 2}) — :func:`load_label_volume`;
 3. **binarise** with ``> 0`` (artery and vein labels become one "vessel" class, as in the paper);
-4. **dilate** raw Lung250M-4B segmentations once by a 3×3×3 cube (:func:`dilate3`). The paper's release
+4. **dilate** raw Lung250M-4B segmentations once by the 18-neighbourhood (:func:`dilate3`: the 3×3×3
+   cube without its 8 corners, the element the paper's release was dilated with). The release
    (``dilated_vessels_*``) is dilated already and is *not* dilated a second time;
 5. **crop** case 035 to its first 280 slices along the last axis (:func:`seed_crop`; the seed does the
    same because that scan is far longer than the others);
@@ -30,9 +31,12 @@ Left out on purpose:
 - **No interpolation-based downsampling.** Trilinear or mean-then-threshold resampling erases vessels
   thinner than half a block; see :func:`block_reduce`.
 
-Hand-written where a library has it: the 3×3×3 dilation (:func:`dilate3`) is the same as
-``F.max_pool3d(v, 3, stride=1, padding=1)`` (and scipy's ``binary_dilation`` with a cube) but runs on
-``uint8`` as three separable 1-D maxima, about 10× faster on CPU than the float max-pool.
+Hand-written where a library has it: the dilation (:func:`dilate3`) is scipy's ``binary_dilation`` with
+``generate_binary_structure(3, 2)`` (the 18-neighbourhood), but runs on ``uint8`` torch tensors as six
+1-D maxima (the element is the union of three 3×3 squares, each separable), several times faster on a CPU.
+The paper's README says "kernel 3x3x3", but its released masks are 18-neighbourhood dilations: each one
+is unchanged by an opening with that element and loses 4–10 % of its voxels under an opening with the
+full cube (``tests/test_data.py`` checks this on the release's own masks).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from regdiff_core import utils
-from regdiff_core.config import ALL_TEST_CASES, CANONICAL_SHAPE, RELEASE_TRAIN_CASES
+from regdiff_core.config import ALL_TEST_CASES, CANONICAL_SHAPE, RELEASE_TRAIN_CASES, case_id
 
 # --------------------------------------------------------------------------------------------------
 # Datasets and where their files live (paths relative to ``data_dir / <dataset>``)
@@ -72,7 +76,7 @@ LUNG250M_TRAIN_CASES: tuple[str, ...] = tuple(
 
 @dataclass(frozen=True)
 class DatasetLayout:
-    """Where a dataset keeps its training pairs and whether they still need the 3×3×3 dilation."""
+    """Where a dataset keeps its training pairs and whether they still need the one-voxel dilation."""
 
     train_folder: str
     dilated: bool
@@ -253,28 +257,32 @@ def binarise(labels: np.ndarray | torch.Tensor) -> torch.Tensor:
     return (labels > 0).to(torch.uint8)
 
 
-def dilate3(volume: torch.Tensor) -> torch.Tensor:
-    """Binary dilation by a 3×3×3 cube over the last three axes (zero outside the volume).
+def _max3(volume: torch.Tensor, axis: int) -> torch.Tensor:
+    """1-D maximum of each voxel and its two neighbours along ``axis`` (zero outside the volume)."""
+    n = volume.shape[axis]
+    res = volume.clone()
+    if n < 2:
+        return res
+    # res[k] = max(v[k-1], v[k], v[k+1])
+    res.narrow(axis, 1, n - 1).copy_(torch.maximum(res.narrow(axis, 1, n - 1), volume.narrow(axis, 0, n - 1)))
+    res.narrow(axis, 0, n - 1).copy_(torch.maximum(res.narrow(axis, 0, n - 1), volume.narrow(axis, 1, n - 1)))
+    return res
 
-    Equals ``F.max_pool3d(v, kernel_size=3, stride=1, padding=1)``; computed as a 1-D maximum of each
-    voxel and its two neighbours along each axis in turn (a cube is separable), which works on ``uint8``.
+
+def dilate3(volume: torch.Tensor) -> torch.Tensor:
+    """Binary dilation by the 18-neighbourhood over the last three axes (zero outside the volume).
+
+    The structuring element is the 3×3×3 cube without its 8 corners (offsets with at least one zero
+    coordinate; scipy's ``generate_binary_structure(3, 2)``), the element the paper's release was
+    dilated with. It is the union of the three axis-aligned 3×3 squares, so the result is
+    ``max(sq_HW, sq_HD, sq_WD)``, each square two separable 1-D maxima; works on ``uint8``.
     ``volume``: ``(..., H, W, D)``; returns the same shape and dtype.
     """
-    out = volume
-    for axis in (-3, -2, -1):
-        n = out.shape[axis]
-        if n < 2:
-            continue
-        res = out.clone()
-        # res[k] = max(v[k-1], v[k], v[k+1])
-        res.narrow(axis, 1, n - 1).copy_(
-            torch.maximum(res.narrow(axis, 1, n - 1), out.narrow(axis, 0, n - 1))
-        )
-        res.narrow(axis, 0, n - 1).copy_(
-            torch.maximum(res.narrow(axis, 0, n - 1), out.narrow(axis, 1, n - 1))
-        )
-        out = res
-    return out
+    along = {axis: _max3(volume, axis) for axis in (-3, -2, -1)}
+    # δ_18(v) = max(δ_W δ_H v, δ_D δ_H v, δ_D δ_W v)
+    out = _max3(along[-3], -2)
+    out = torch.maximum(out, _max3(along[-3], -1))
+    return torch.maximum(out, _max3(along[-2], -1))
 
 
 def seed_crop(volume: torch.Tensor, case: str) -> torch.Tensor:
@@ -444,11 +452,11 @@ def split_spec(profile, split: str) -> tuple[str, str, tuple[str, ...], bool]:
         if cfg.train_dataset not in DATASETS:
             raise DataError(f"unknown train_dataset {cfg.train_dataset!r}; choose one of {sorted(DATASETS)}")
         layout = DATASETS[cfg.train_dataset]
-        cases = tuple(cfg.train_cases) if cfg.train_cases is not None else layout.train_cases
+        cases = tuple(map(case_id, cfg.train_cases)) if cfg.train_cases is not None else layout.train_cases
         _check_cases(cases, layout.train_cases, f"{cfg.train_dataset} training")
         return cfg.train_dataset, layout.train_folder, cases, not layout.dilated
     if split == "test":
-        cases = tuple(cfg.test_cases) if cfg.test_cases is not None else ALL_TEST_CASES
+        cases = tuple(map(case_id, cfg.test_cases)) if cfg.test_cases is not None else ALL_TEST_CASES
         _check_cases(cases, ALL_TEST_CASES, "test (with landmarks)")
         return RELEASE, TEST_FOLDER, cases, False
     raise DataError(f"unknown split {split!r}; choose one of {SPLITS}")
@@ -495,6 +503,56 @@ def _inputs_unchanged(recorded: dict[str, list], root: Path) -> bool:
         if st.st_size != size or file_hash(path) != sha:
             return False
     return True
+
+
+def prepared_metadata(work_dir: str | Path, split: str) -> dict[str, Any] | None:
+    """``{"dataset", "cases", "shape"}`` of the prepared ``split`` in ``work_dir``, or None when there is none.
+
+    Reads only the metadata (memory-mapped), so it is cheap even for the full-size cache.
+    """
+    path = prepared_path(work_dir, split)
+    if not path.is_file():
+        return None
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    if cached.get("format") != CACHE_FORMAT:
+        return None
+    return {
+        "dataset": cached.get("dataset"),
+        "cases": list(cached.get("cases", [])),
+        "shape": tuple(int(x) for x in cached.get("shape", ())),
+    }
+
+
+def adopt_prepared_cases(profile, work_dir: str | Path, explicit: Sequence[str] = ()):
+    """``profile`` with ``data.train_cases``/``data.test_cases`` taken from the cache in ``work_dir``.
+
+    A prepared work folder remembers which cases ``prepare`` was asked for, so the later stages need not
+    repeat ``--set data.test_cases=…``. Only splits prepared for the profile's dataset and shape are
+    adopted, and never a field named in ``explicit`` (the user's own ``--set`` keys win; a mismatch then
+    raises the usual clear error in :func:`load_pairs`).
+    """
+    overrides: dict[str, Any] = {}
+    shape = tuple(int(s) for s in profile.data.shape)
+    for split in SPLITS:
+        key = f"data.{split}_cases"
+        if key in explicit:
+            continue
+        meta = prepared_metadata(work_dir, split)
+        if meta is None or meta["shape"] != shape or not meta["cases"]:
+            continue
+        dataset = profile.data.train_dataset if split == "train" else RELEASE
+        if meta["dataset"] != dataset:
+            continue
+        try:
+            wanted = list(split_spec(profile, split)[2])
+        except DataError:  # the profile's own list is invalid: the cache's is what exists
+            wanted = None
+        if wanted != meta["cases"]:
+            overrides[key] = tuple(meta["cases"])
+    return profile.replace(overrides) if overrides else profile
 
 
 def _cache_matches(
@@ -667,7 +725,8 @@ def load_pairs(profile, work_dir: str | Path, split: str) -> PairSet:
         raise DataError(
             f"{path} holds {cached.get('dataset')} cases {cached.get('cases')} at shape {tuple(cached.get('shape', ()))}, "
             f"but profile {profile.name!r} wants {dataset} cases {list(cases)} at {shape}; "
-            f"rerun `python -m regdiff_core prepare --profile {profile.name}`"
+            f"pass the same --set data.{split}_cases=… as to prepare, or prepare these cases into another "
+            f"--work-dir (`python -m regdiff_core prepare --profile {profile.name}` here replaces this cache)"
         )
     return PairSet(
         cases=list(cached["cases"]),
@@ -709,7 +768,7 @@ def load_landmarks(profile, data_dir: str | Path, cases: Sequence[str] | None = 
     """
     if cases is None:
         cases = profile.data.test_cases if profile.data.test_cases is not None else ALL_TEST_CASES
-    cases = [str(c) for c in cases]
+    cases = [case_id(c) for c in cases]
     _check_cases(cases, ALL_TEST_CASES, "landmark")
     path = Path(data_dir) / RELEASE / LANDMARKS_FILE
     if not path.is_file():

@@ -26,16 +26,22 @@ What is here:
   training set and a held-out set, so the denoiser can be trained on the paper's real training data.
 - :func:`gpu_benchmark` — paper-size timings for ``make gpu-check``.
 
-Where this differs from the seed (``unleashing_utils.py`` of the paper's code), on purpose:
+Where this differs from the seed (``unleashing_utils.py`` of the paper's code). The ``paper`` profile
+sets ``dropout`` and ``loss_norm`` to the seed's values; the other profiles use the improvements:
 
-- **Dropout 0.** The seed leaves ``nn.TransformerEncoderLayer``'s default dropout 0.1 on;
-  unleashing-transformers (which the seed adapts) trains without it. The parameter count is the same.
-  ``DiffusionConfig.dropout`` sets it; chapter 3 compares 0.1 with 0 where ``ablation_variants`` lists it
-  (``colab``; ``ci`` skips it because CPU attention with dropout takes a ~10× slower kernel).
-- **Loss normalisation.** The seed divides the weighted cross-entropy by ``ln 2 · K · N`` (it takes
-  ``numel`` of the permuted logits' trailing shape, which includes the codebook axis); we divide by
-  ``ln 2 · N`` as unleashing-transformers does, so the number is in bits per token. The two differ by
-  the constant ``K`` = 1024, which Adam's update all but ignores (only ``eps`` sees it).
+- **Dropout** (``DiffusionConfig.dropout``). The seed leaves ``nn.TransformerEncoderLayer``'s default
+  dropout 0.1 on (``paper`` keeps it); unleashing-transformers (which the seed adapts) trains without
+  it, and so do ``ci`` and ``colab``. The parameter count is the same. Chapter 3 compares 0.1 with 0
+  where ``ablation_variants`` lists it (``colab``; ``ci`` skips it because CPU attention with dropout
+  takes a ~10× slower kernel).
+- **Loss normalisation** (``DiffusionConfig.loss_norm``). The seed divides the weighted cross-entropy
+  by ``ln 2 · K · N`` (it takes ``numel`` of the permuted logits' trailing shape, which includes the
+  codebook axis): ``loss_norm="seed"``, the ``paper`` setting. ``"per-token"`` divides by ``ln 2 · N``
+  as unleashing-transformers does, so the number is in bits per token (``ci``, ``colab``). The factor
+  K = 1024 is not harmless under Adam: its update ignores a constant scale only while the gradient
+  entries are well above ``eps`` = 1e-8, and at the seed's scale many of the denoiser's entries at
+  initialisation are not, so their updates are damped. The reported ``elbo`` is in bits per token
+  under both settings.
 - **float32 logits.** The head runs outside autocast, so the sampler's categorical never sees fp16
   logits (the seed samples from fp16 logits divided by the temperature).
 - **Warm-up from step 1.** The seed's warm-up sets lr = 0 on its first iteration; ours reaches
@@ -82,7 +88,7 @@ STATE_FILE = Path("diffusion") / "train_state.pt"
 HISTORY_FILE = Path("diffusion") / "history.csv"
 
 #: The variants chapter 3 can compare (``DiffusionConfig.ablation_variants`` picks them): name → overrides.
-#: "baseline" is the profile's own setting (paper: post-norm, dropout 0, no EMA).
+#: "baseline" is the profile's own setting (paper: post-norm, dropout 0.1 as the seed, no EMA; colab: dropout 0).
 ABLATIONS: dict[str, dict[str, Any]] = {
     "baseline": {},
     "pre-norm": {"pre_norm": True},
@@ -140,6 +146,8 @@ class Denoiser(nn.Module):
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
         # the head in float32 even under autocast: the categorical must not be drawn from fp16 logits
+        if h.device.type == "meta":  # shape checks (tests): autocast has no meta device
+            return self.head(h.float())
         with torch.autocast(device_type=h.device.type, enabled=False):
             return self.head(h.float())
 
@@ -212,20 +220,30 @@ def q_sample(x_0: torch.Tensor, t: torch.Tensor, mask_id: int, *, generator=None
     return MaskedTokens(x_t=x_t, mask=mask)
 
 
+#: How :func:`weighted_elbo_loss` scales the summed cross-entropy (``DiffusionConfig.loss_norm``).
+LOSS_NORMS = ("per-token", "seed")
+
+
 def weighted_elbo_loss(
-    logits: torch.Tensor, x_0: torch.Tensor, mask: torch.Tensor, t: torch.Tensor
+    logits: torch.Tensor, x_0: torch.Tensor, mask: torch.Tensor, t: torch.Tensor, *, norm: str = "per-token"
 ) -> DiffusionLoss:
-    """The seed's reweighted ELBO in bits per token, and the plain ELBO term for reporting.
+    """The seed's reweighted ELBO, and the plain ELBO term in bits per token for reporting.
 
     ``logits`` (B, N, K); ``x_0`` (B, N) long; ``mask`` (B, N) bool (True = masked); ``t`` (B,).
     Unmasked positions contribute nothing (the denoiser sees them; predicting them is trivial).
+    ``norm``: ``"per-token"`` divides by ``ln 2 · N`` (``loss`` in bits per token); ``"seed"`` by
+    ``ln 2 · K · N`` as the seed does (``loss`` K times smaller; ``elbo`` stays in bits per token).
     """
-    B, N, _ = logits.shape
+    if norm not in LOSS_NORMS:
+        raise ValueError(f"loss norm {norm!r}: choose one of {LOSS_NORMS}")
+    B, N, K = logits.shape
     ce = F.cross_entropy(logits.float().reshape(B * N, -1), x_0.reshape(-1), reduction="none").view(B, N)
     # CE_b = Σ_{n masked} −log p(x_0,n | x_t)   (nats)
     ce_sum = (ce * mask).sum(dim=1)
-    # L = mean_b (1 − t_b) · CE_b / (ln 2 · N)
-    loss = ((1.0 - t) * ce_sum / (math.log(2) * N)).mean()
+    # L = mean_b (1 − t_b) · CE_b / (ln 2 · N)        ("per-token")
+    # L = mean_b (1 − t_b) · CE_b / (ln 2 · K · N)    ("seed")
+    scale = math.log(2) * N * (K if norm == "seed" else 1)
+    loss = ((1.0 - t) * ce_sum / scale).mean()
     # L_vb = mean_b CE_b / t_b / (ln 2 · N): the ELBO term, unbiased over t ~ U{1..T}/T
     elbo = (ce_sum / t / (math.log(2) * N)).mean()
     hits = ((logits.argmax(-1) == x_0) & mask).sum()
@@ -272,6 +290,8 @@ def _tokens_as_sequences(tokens) -> tuple[torch.Tensor, int, tuple[int, ...]]:
 #: Settings that may change between runs without invalidating a checkpoint (more iterations resume it).
 #: A changed ``lr`` is applied on resume (``training.train_loop`` says so), so it does not restart either.
 _RESUMABLE_FIELDS = ("iterations", "ckpt_every", "log_every", "ablation_iterations", "ablation_ema", "lr")
+#: Fields added after checkpoints existed, with the value those checkpoints were trained with.
+_LATER_FIELDS = {"loss_norm": "per-token"}
 
 
 def _forget_stale_checkpoint(out_dir: Path, x_all: torch.Tensor, cfg: DiffusionConfig) -> None:
@@ -285,6 +305,9 @@ def _forget_stale_checkpoint(out_dir: Path, x_all: torch.Tensor, cfg: DiffusionC
     import json
 
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE_FIELDS}
+    for name, default in _LATER_FIELDS.items():  # absent from older fingerprints: keep those valid
+        if settings.get(name) == default:
+            del settings[name]
     digest = hashlib.sha256(x_all.cpu().numpy().tobytes())
     digest.update(json.dumps(settings, sort_keys=True).encode())
     fingerprint = digest.hexdigest()
@@ -329,7 +352,8 @@ def train_denoiser(
     ``cfg`` defaults to ``profile.diffusion``; ``out_dir`` to ``work_dir/diffusion``. Writes
     ``out_dir/model.pt`` (weights + architecture), ``out_dir/train_state.pt`` (the resumable checkpoint)
     and ``out_dir/history.csv``. If a finished checkpoint is already there, nothing is retrained.
-    History columns: ``loss`` and ``elbo`` (bits/token), ``accuracy`` (masked tokens), ``lr``.
+    History columns: ``loss`` (the optimised value: bits/token, or bits/token / K with
+    ``loss_norm="seed"``), ``elbo`` (bits/token), ``accuracy`` (masked tokens), ``lr``.
     """
     work_dir = Path(work_dir)
     cfg = cfg or profile.diffusion
@@ -372,7 +396,7 @@ def train_denoiser(
         x_t, mask = q_sample(x_0, t, denoiser.mask_id)
         with autocast(device, use_amp):
             logits = denoiser(x_t)
-        out = weighted_elbo_loss(logits, x_0, mask, t)
+        out = weighted_elbo_loss(logits, x_0, mask, t, norm=cfg.loss_norm)
         optimiser.zero_grad(set_to_none=True)
         scaler.scale(out.loss).backward()
         scaler.step(optimiser)
@@ -813,7 +837,8 @@ def _cli_train(args, profile: Profile) -> int:
 
 
 def gpu_benchmark(device: torch.device, small: bool = False) -> dict[str, Any]:
-    """Paper-size timings: sampling 2 pairs at T = 256 steps including the VQ-AE decode, and one
+    """Paper-size timings: sampling 2 pairs at T = 256 steps including the VQ-AE decode; one batch of 64
+    pairs at 256 steps (decoded 4 at a time), scaled to the 256 pairs chapter 4 samples; and one
     training step (batch 8, AMP on CUDA). Random weights: the cost does not depend on them.
 
     ``small=True``: the same code at toy sizes (CPU smoke test).
@@ -847,7 +872,35 @@ def gpu_benchmark(device: torch.device, small: bool = False) -> dict[str, Any]:
         volumes = vqae.decode(samples.tokens.to(device)).float()
     sync()
     t2 = time.perf_counter()
-    del volumes, vqae
+    del volumes
+    # 256 pairs as chapter 4 samples them for real, in large batches: one batch of `big` pairs timed at
+    # T steps (tokens, then decoding them `decode_batch` at a time), scaled to 256 pairs
+    big, decode_batch, n_total = (4, 2, 8) if small else (64, 4, profile.sampling.n_pairs)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync()
+    b0 = time.perf_counter()
+    many = sample_tokens(denoiser, big, steps=cfg.T, temperature=profile.sampling.temperature,
+                         batch_size=big, generator=gen, amp=cfg.amp)  # fmt: skip
+    sync()
+    b1 = time.perf_counter()
+    with torch.no_grad(), autocast(device, cfg.amp):
+        for chunk in many.tokens.split(decode_batch):
+            vqae.decode(chunk.to(device)).float()
+    sync()
+    b2 = time.perf_counter()
+    peak_big = round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None
+    del vqae
+    large_batches = {
+        "batch_size": big,
+        "decode_batch": decode_batch,
+        "tokens_seconds": round(b1 - b0, 3),
+        "decode_seconds": round(b2 - b1, 3),
+        "seconds_per_pair": round((b2 - b0) / big, 4),
+        "n_pairs": n_total,
+        "estimated_n_pairs_seconds": round((b2 - b0) * n_total / big, 1),  # seconds_per_pair × n_pairs
+        "peak_memory_gb": peak_big,
+    }
     # one training step (after one warm-up step)
     denoiser.train()
     optimiser = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)
@@ -862,7 +915,7 @@ def gpu_benchmark(device: torch.device, small: bool = False) -> dict[str, Any]:
         x_t, mask = q_sample(x_0, t, denoiser.mask_id)
         with autocast(device, use_amp):
             logits = denoiser(x_t)
-        loss = weighted_elbo_loss(logits, x_0, mask, t).loss
+        loss = weighted_elbo_loss(logits, x_0, mask, t, norm=cfg.loss_norm).loss
         optimiser.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimiser)
@@ -877,6 +930,7 @@ def gpu_benchmark(device: torch.device, small: bool = False) -> dict[str, Any]:
         "sample_tokens_seconds": round(t1 - t0, 3),
         "decode_2_pairs_seconds": round(t2 - t1, 3),
         "network_calls": samples.network_calls,
+        "sample_large_batches": large_batches,
         "train_step_seconds": round(times[-1], 4),
         "train_batch": cfg.batch_size,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2)

@@ -317,7 +317,7 @@ def evaluate_model(
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc=f"evaluate {name}")
+        iterator = tqdm(iterator, desc=f"evaluate {name}", unit="pair")
     for i in iterator:
         case = test.cases[i]
         vols = test.volumes([i])  # (1, 2, *shape) float
@@ -331,7 +331,7 @@ def evaluate_model(
             case, initial, dice(A_full, B_full), _map_metrics(model, A, B, A_full, B_full, f, m, spacing)
         )
         if model is not None and tta_iterations > 0:
-            adapted = test_time_adapt(model, A, B, tta_iterations, ev.tta_lr, amp)
+            adapted = test_time_adapt(model, A, B, tta_iterations, ev.tta_lr, amp, progress=progress)
             row.tta = _map_metrics(adapted.model, A, B, A_full, B_full, f, m, spacing)
             row.tta_seconds = adapted.seconds
         out.cases.append(row)
@@ -710,6 +710,43 @@ def paper_ordering(summaries: dict[str, dict[str, Any]], key: str = "tre_net") -
 # --------------------------------------------------------------------------------------------------
 
 
+def per_landmark_table(evaluation: Evaluation) -> np.ndarray:
+    """Per-landmark TRE (mm) in the shape of the paper's result CSVs: one row per landmark, cases in
+    :data:`~regdiff_core.config.ALL_TEST_CASES` order, columns (initial, network, after TTA); the last
+    column is NaN without TTA. ``(n_landmarks, 3)`` float64."""
+    order = {c: i for i, c in enumerate(ALL_TEST_CASES)}
+    rows = []
+    for r in sorted(evaluation.cases, key=lambda r: order.get(r.case, len(order))):
+        tta = r.tta.tre if r.tta is not None else torch.full_like(r.net.tre, float("nan"))
+        rows.append(torch.stack((r.initial, r.net.tre, tta), dim=1).double())
+    return torch.cat(rows).numpy() if rows else np.zeros((0, 3))
+
+
+def write_per_landmark_csv(evaluation: Evaluation, path: str | Path) -> Path:
+    """Write :func:`per_landmark_table` as the paper writes its CSVs (``np.savetxt``, ``%.18e``, comma)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    np.savetxt(tmp, per_landmark_table(evaluation), fmt="%.18e", delimiter=",")
+    tmp.replace(path)
+    return path
+
+
+def checkpoint_label(model, checkpoint: str) -> tuple[str, str | None]:
+    """``(label, regime)`` of an evaluated checkpoint: the regime stored in chapter 5's ``model.pt``, the
+    regime of a released ``regnets_state_*.pth`` (label "released <regime>"), else the file's stem."""
+    if checkpoint == "identity":
+        return "identity", None
+    regime = getattr(model, "regime", None)
+    if regime:
+        return regime, regime
+    name = Path(checkpoint).name
+    for key, released in RELEASED_NETWORKS.items():
+        if name == released:
+            return f"released {key}", key
+    return Path(checkpoint).stem, None
+
+
 def register_cli(subparsers, common) -> None:
     p = subparsers.add_parser(
         "evaluate", parents=[common], help="chapter 6: TRE, Dice, folding and IC error on the test pairs"
@@ -722,6 +759,11 @@ def register_cli(subparsers, common) -> None:
     )
     p.add_argument("--tta", type=int, default=None, help="TTA iterations (default: the profile's)")
     p.add_argument("--json", type=str, default=None, help="write per-case results and the summary here")
+    p.add_argument(
+        "--csv", type=str, default=None,
+        help="write the per-landmark TRE here, in the shape of the paper's result CSVs (initial, network, TTA)",
+    )  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cli_evaluate)
 
 
@@ -739,26 +781,54 @@ def _cli_evaluate(args, profile: Profile) -> int:
     model = None
     if args.checkpoint != "identity":
         model = load_registration(profile, args.work_dir, args.checkpoint, device)
+    label, regime = checkpoint_label(model, args.checkpoint)
     tta = profile.evaluation.tta_iterations if args.tta is None else args.tta
     evaluation = evaluate_model(
-        profile, model, test, landmarks, name=Path(args.checkpoint).stem, tta_iterations=tta, device=device
-    )
+        profile, model, test, landmarks, name=label, tta_iterations=tta, device=device,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    try:  # the paper's numbers on the same pairs, from its result CSVs
+        counts = [len(f) for f in load_landmarks(profile, args.data_dir, ALL_TEST_CASES).canonical_fixed]
+        paper = paper_results(args.data_dir, counts)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"(the paper's numbers are not shown: {err})")
+        paper = None
+    split = [c for c in BENCHMARK_TEST_CASES if c in test.cases]
+    tables = {"all": comparison_rows({regime or label: evaluation}, paper, test.cases)}
+    if split:
+        tables["104_113"] = comparison_rows({regime or label: evaluation}, paper, split)
     result = {
         "checkpoint": args.checkpoint,
+        "label": label,
+        "regime": regime,
         "profile": profile.name,
+        "test_cases": list(test.cases),
         "tta_iterations": evaluation.tta_iterations,
         "summary": evaluation.summary(),
         "summary_104_113": evaluation.summary(BENCHMARK_TEST_CASES),
+        "comparison": tables["all"],
+        "comparison_104_113": tables.get("104_113"),
         "per_case": evaluation.per_case_rows(),
         "seconds": evaluation.seconds,
     }
     print(markdown_table(evaluation.per_case_rows()))
+    n_all = evaluation.summary()["n_landmarks"]
+    print(
+        f"\n{label}, mean TRE over {len(test)} test pairs ({n_all} landmarks); paper: the same pairs in its CSVs"
+    )
+    print(markdown_table(tables["all"]))
+    if split:
+        n_split = evaluation.summary(split)["n_landmarks"]
+        print(f"\nbenchmark test split 104–113: {len(split)} of its 10 pairs here ({n_split} landmarks)")
+        print(markdown_table(tables["104_113"]))
     s = result["summary"]
-    print(f"mean TRE: initial {s['tre_initial']:.2f} mm, network {s['tre_net']:.2f} mm", end="")
+    print(f"\nmean TRE: initial {s['tre_initial']:.2f} mm, network {s['tre_net']:.2f} mm", end="")
     print(f", after {tta} TTA iterations {s['tre_tta']:.2f} mm" if s.get("tre_tta") is not None else "")
     if args.json:
         from regdiff_core.utils import _jsonable
 
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(_jsonable(result), indent=2) + "\n")
+    if args.csv:
+        print(f"per-landmark TRE → {write_per_landmark_csv(evaluation, args.csv)}")
     return 0

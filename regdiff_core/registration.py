@@ -472,15 +472,94 @@ REGIMES: dict[str, str] = {
 }
 
 
-class RegimeData(NamedTuple):
-    """Training pairs of one regime: ``fixed``, ``moving`` (N, *S) float in [0, 1] at the profile resolution."""
+#: Upper bound on the synthetic pairs :class:`RegimeData` keeps decoded in memory (bytes, fp16 as stored).
+SYNTHETIC_CACHE_BYTES = 2 * 1024**3
 
-    regime: str
-    cases: list[str]
-    fixed: torch.Tensor
-    moving: torch.Tensor
-    n_real: int
-    n_synthetic: int
+
+class RegimeData:
+    """Training pairs of one regime at the profile resolution, served batch by batch.
+
+    ``fixed``, ``moving`` (N_mem, *S): pairs held in memory in their own dtype (the real pairs as ``uint8``
+    masks, a quarter of float32); ``synthetic_files``: further pairs that stay on disk (chapter 4's npz,
+    fp16 P(vessel)) and are read when a batch needs them, through a least-recently-used cache of at most
+    ``cache_bytes``. So host memory does not grow with ``n_synthetic`` (at paper size 256 float32 pairs
+    would be about 28 GB). Pair ``i < N_mem`` is in memory, the others are files in order.
+    """
+
+    def __init__(
+        self,
+        regime: str,
+        cases: Sequence[str],
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        n_real: int,
+        n_synthetic: int,
+        synthetic_files: Sequence[str | Path] = (),
+        cache_bytes: int = SYNTHETIC_CACHE_BYTES,
+    ) -> None:
+        import collections
+
+        self.regime, self.cases = regime, list(cases)
+        self.fixed, self.moving = fixed, moving
+        self.n_real, self.n_synthetic = n_real, n_synthetic
+        self.synthetic_files = [Path(p) for p in synthetic_files]
+        self.cache_bytes = int(cache_bytes)
+        self._cache: collections.OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = (
+            collections.OrderedDict()
+        )
+        self._cached_bytes = 0
+        if len(self.cases) != len(self):
+            raise ValueError(f"regime {regime!r}: {len(self.cases)} case names for {len(self)} pairs")
+        if self.synthetic_files:
+            first = self._synthetic(0)[0]
+            if len(fixed) and tuple(first.shape) != tuple(fixed.shape[1:]):
+                raise ValueError(
+                    f"regime {regime!r}: real and synthetic pairs differ in shape "
+                    f"{sorted({tuple(fixed.shape[1:]), tuple(first.shape)})}"
+                )
+            self._shape = tuple(first.shape)
+        else:
+            self._shape = tuple(fixed.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.fixed) + len(self.synthetic_files)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Spatial shape (H, W, D) of every pair."""
+        return self._shape
+
+    def _synthetic(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if j in self._cache:
+            self._cache.move_to_end(j)
+            return self._cache[j]
+        from regdiff_core.sampling import read_synthetic_pair
+
+        pair = read_synthetic_pair(self.synthetic_files[j])
+        size = sum(t.numel() * t.element_size() for t in pair)
+        while self._cache and self._cached_bytes + size > self.cache_bytes:
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= sum(t.numel() * t.element_size() for t in old)
+        if size <= self.cache_bytes:
+            self._cache[j] = pair
+            self._cached_bytes += size
+        return pair
+
+    def pair(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pair ``i`` as stored: ``(fixed, moving)`` (*S) in its own dtype."""
+        n_mem = len(self.fixed)
+        if i < n_mem:
+            return self.fixed[i], self.moving[i]
+        return self._synthetic(i - n_mem)
+
+    def batch(
+        self, index: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pairs ``index`` as ``(fixed, moving)`` (B, *S) float32 on ``device``."""
+        pairs = [self.pair(int(i)) for i in index]
+        fixed = torch.stack([f.to(device, torch.float32) for f, _ in pairs])
+        moving = torch.stack([m.to(device, torch.float32) for _, m in pairs])
+        return fixed, moving
 
 
 def few_cases(cases: Sequence[str], n_few: int) -> list[str]:
@@ -497,8 +576,10 @@ def regime_data(profile: Profile, work_dir: str | Path, regime: str) -> RegimeDa
     if regime not in REGIMES:
         raise ValueError(f"unknown regime {regime!r}; choose one of {sorted(REGIMES)}")
     cfg = profile.registration
-    fixed, moving, cases = [], [], []
-    n_real = n_syn = 0
+    fixed = moving = None
+    cases: list[str] = []
+    files: list[Path] = []
+    n_real = 0
     if regime != "synthetic":
         from regdiff_core.data import load_pairs
 
@@ -507,22 +588,29 @@ def regime_data(profile: Profile, work_dir: str | Path, regime: str) -> RegimeDa
         if regime in ("real_few", "synthetic_plus_few"):
             chosen = few_cases(real.cases, cfg.n_few)
             keep = [real.cases.index(c) for c in chosen]
-        fixed.append(real.fixed[keep].float())
-        moving.append(real.moving[keep].float())
+        # uint8 masks as prepared: converted to float32 one batch at a time (RegimeData.batch)
+        fixed, moving = real.fixed[keep], real.moving[keep]
         cases += [real.cases[i] for i in keep]
         n_real = len(keep)
     if regime in ("synthetic", "synthetic_plus_few"):
-        from regdiff_core.sampling import load_synthetic
+        from regdiff_core.sampling import synthetic_files
 
-        syn = load_synthetic(Path(work_dir), cfg.n_synthetic)
-        fixed.append(syn.fixed.float())
-        moving.append(syn.moving.float())
-        cases += [f"synthetic:{c}" for c in syn.cases]
-        n_syn = len(syn.cases)
-    shapes = {tuple(t.shape[1:]) for t in fixed + moving}
-    if len(shapes) != 1:
-        raise ValueError(f"regime {regime!r}: real and synthetic pairs differ in shape {sorted(shapes)}")
-    return RegimeData(regime, cases, torch.cat(fixed), torch.cat(moving), n_real, n_syn)
+        files = synthetic_files(Path(work_dir))
+        if not files:
+            raise FileNotFoundError(
+                f"no synthetic pairs in {Path(work_dir) / 'synthetic'}: run chapter 4 "
+                f"(python -m regdiff_core sample --profile {profile.name}) first"
+            )
+        if cfg.n_synthetic > len(files):
+            raise ValueError(
+                f"registration.n_synthetic = {cfg.n_synthetic}, but only {len(files)} synthetic pairs exist "
+                f"in {files[0].parent}"
+            )
+        files = files[: cfg.n_synthetic]
+        cases += [f"synthetic:{p.stem}" for p in files]
+    if fixed is None:
+        fixed = moving = torch.zeros(0, dtype=torch.uint8)
+    return RegimeData(regime, cases, fixed, moving, n_real, len(files), synthetic_files=files)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -565,8 +653,8 @@ def train_regime(
     cfg = profile.registration
     out_dir = Path(work_dir) / "registration" / regime
     data = data if data is not None else regime_data(profile, work_dir, regime)
-    grid = registration_grid(data.fixed.shape[1:], cfg.scale)
-    model = build_registration(cfg, spatial_dims=data.fixed.dim() - 1).to(device)
+    grid = registration_grid(data.shape, cfg.scale)
+    model = build_registration(cfg, spatial_dims=len(data.shape)).to(device)
     optimizers = make_optimizers(model, cfg.lr)
     amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
@@ -575,8 +663,9 @@ def train_regime(
     def step_fn(step: int) -> dict[str, float]:
         # a random batch of pairs, as the seed: randperm(n)[:batch]
         idx = torch.randperm(n)[: cfg.batch_size]
-        A = to_grid(data.fixed[idx].unsqueeze(1).to(device), grid)
-        B = to_grid(data.moving[idx].unsqueeze(1).to(device), grid)
+        fixed, moving = data.batch(idx, device)  # float32 (B, *S); synthetic pairs read from disk
+        A = to_grid(fixed.unsqueeze(1), grid)
+        B = to_grid(moving.unsqueeze(1), grid)
         return greedy_iteration(model, optimizers, A, B, scaler if amp else None, amp)
 
     state = {"net1": model.nets[0], "net2": model.nets[1], "opt1": optimizers[0], "opt2": optimizers[1]}
@@ -623,9 +712,11 @@ def load_registration(
     payload = read_checkpoint(
         path, "registration model", "Move it away and rerun `python -m regdiff_core train-registration`."
     )
+    regime = None
     if isinstance(payload, dict) and "nets" in payload:
         cfg = RegistrationConfig(**_tuples(payload["config"]))
         states, dims, n_pairs = payload["nets"], payload.get("spatial_dims", 3), payload.get("n_pairs")
+        regime = payload.get("regime")
     elif isinstance(payload, list | tuple) and len(payload) == 2:  # the seed's released networks
         cfg, states, dims, n_pairs = released_config(profile), list(payload), 3, None
     else:
@@ -634,6 +725,7 @@ def load_registration(
     for k, (net, sd) in enumerate(zip(model.nets, states)):
         load_weights(net, sd, name=f"{path} (network {k + 1})")
     model.n_train_pairs = n_pairs
+    model.regime = regime  # the regime it was trained on (chapter 5's model.pt), None for other files
     return model.to(device).eval()
 
 
@@ -666,10 +758,12 @@ def test_time_adapt(
     iterations: int,
     lr: float,
     amp: bool = False,
+    progress: bool = False,
 ) -> TTAResult:
     """Fine-tune copies of both networks on one pair (A, B): (1, 1, *S) on the registration grid.
 
     ``iterations`` greedy iterations with Adam(lr) per network and the training loss (paper: 50, 0.005).
+    ``progress``: a tqdm bar over the iterations (removed when done).
     """
     adapted = copy.deepcopy(model).train()
     optimizers = make_optimizers(adapted, lr)
@@ -677,7 +771,12 @@ def test_time_adapt(
     scaler = torch.amp.GradScaler(A.device.type, enabled=amp) if amp else None
     history = []
     t0 = time.perf_counter()
-    for _ in range(iterations):
+    steps: Any = range(iterations)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="TTA", leave=False)
+    for _ in steps:
         history.append(greedy_iteration(adapted, optimizers, A, B, scaler, amp))
     return TTAResult(adapted.eval(), history, time.perf_counter() - t0)
 

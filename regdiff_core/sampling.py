@@ -303,6 +303,13 @@ def _vessel_channel(array: np.ndarray) -> np.ndarray:
     return array[1] if array.ndim == 4 and array.shape[0] == 2 else array
 
 
+def read_synthetic_pair(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """One stored pair: ``(fixed, moving)`` (H, W, D) P(vessel) as stored (fp16 here, the seed's fp16 softmax
+    reduced to its vessel channel)."""
+    with np.load(path) as z:
+        return tuple(torch.from_numpy(np.ascontiguousarray(_vessel_channel(z[k]))) for k in ("fix", "mov"))  # type: ignore[return-value]
+
+
 def load_synthetic(
     work_dir: str | Path, n: int | None = None, *, binary: bool = False, threshold: float = 0.5,
     folder: str | Path | None = None,
@@ -327,10 +334,9 @@ def load_synthetic(
         files = files[:n]
     fixed, moving = [], []
     for path in files:
-        with np.load(path) as z:
-            for key, out in (("fix", fixed), ("mov", moving)):
-                p = torch.from_numpy(_vessel_channel(z[key]).astype(np.float32))
-                out.append((p > threshold).to(torch.uint8) if binary else p)
+        for p, out in zip(read_synthetic_pair(path), (fixed, moving)):
+            p = p.float()
+            out.append((p > threshold).to(torch.uint8) if binary else p)
     return PairSet(
         cases=[p.stem for p in files], fixed=torch.stack(fixed), moving=torch.stack(moving),
         spacing=torch.ones(len(files), 3), raw_shapes=None,
@@ -751,6 +757,7 @@ __all__ = [
     "export_pair",
     "generate_pairs",
     "load_synthetic",
+    "read_synthetic_pair",
     "load_synthetic_tokens",
     "nearest_pair_dice",
     "neighbour_agreement",

@@ -826,15 +826,20 @@ def encode_pairs(
     device: torch.device | str = "auto",
     split: str = "train",
     model: PairedVQAE | None = None,
+    batch_size: int | None = None,
 ) -> Tokens:
-    """Encode every pair of ``split`` with the trained VQ-AE and save ``work_dir/tokens.pt``."""
+    """Encode every pair of ``split`` with the trained VQ-AE and save ``work_dir/tokens.pt``.
+
+    ``batch_size``: volumes per encoder call (default ``profile.vqae.encode_batch``).
+    """
     from regdiff_core.data import load_pairs
     from regdiff_core.utils import resolve_device
 
     device = resolve_device(device)
     model = model if model is not None else load_vqae(profile, work_dir, device)
     pairs = load_pairs(profile, work_dir, split)
-    tokens = encode_volumes(model, pairs.volumes(dtype=torch.uint8), device, amp=profile.vqae.amp)
+    batch_size = profile.vqae.encode_batch if batch_size is None else int(batch_size)
+    tokens = encode_volumes(model, pairs.volumes(dtype=torch.uint8), device, batch_size, amp=profile.vqae.amp)
     result = Tokens(tokens, list(pairs.cases), tuple(tokens.shape[1:]), model.codebook_size)
     save_tokens(result, work_dir)
     return result
@@ -924,12 +929,17 @@ def plot_codebook_usage(tokens: torch.Tensor, codebook_size: int, ax=None):
 
 
 def register_cli(subparsers, common) -> None:
+    batch_help = (
+        "whole volumes per encoder/decoder call (default: vqae.encode_batch); 1 halves the memory of 2"
+    )
     p = subparsers.add_parser("train-vqae", parents=[common], help="chapter 2: train the paired VQ-AE")
+    p.add_argument("--batch-size", type=int, default=None, help=f"test reconstruction: {batch_help}")
     p.set_defaults(func=_cli_train)
     p = subparsers.add_parser(
         "encode", parents=[common], help="chapter 2: encode the training pairs to tokens"
     )
     p.add_argument("--split", default="train", choices=("train", "test"), help="which prepared pairs (train)")
+    p.add_argument("--batch-size", type=int, default=None, help=batch_help)
     p.set_defaults(func=_cli_encode)
 
 
@@ -940,7 +950,8 @@ def _cli_train(args, profile: Profile) -> int:
     device = resolve_device(args.device)
     result = train(profile, args.work_dir, device, args.seed)
     test = load_pairs(profile, args.work_dir, "test")
-    rec = reconstruct(result.model, test.volumes(dtype=torch.uint8), device, amp=profile.vqae.amp)
+    batch = profile.vqae.encode_batch if args.batch_size is None else args.batch_size
+    rec = reconstruct(result.model, test.volumes(dtype=torch.uint8), device, batch, amp=profile.vqae.amp)
     last = [h for h in result.history if "perplexity" in h][-1]
     print(
         f"train-vqae: {len(result.history)} steps, {result.params} AutoEncoder parameters; "
@@ -952,7 +963,7 @@ def _cli_train(args, profile: Profile) -> int:
 
 
 def _cli_encode(args, profile: Profile) -> int:
-    tokens = encode_pairs(profile, args.work_dir, args.device, split=args.split)
+    tokens = encode_pairs(profile, args.work_dir, args.device, split=args.split, batch_size=args.batch_size)
     print(
         f"encode: {len(tokens.cases)} pairs → tokens {tuple(tokens.tokens.shape)}, grid {tokens.grid}, "
         f"{int(tokens.tokens.unique().numel())} distinct codes → {tokens_path(args.work_dir)}"

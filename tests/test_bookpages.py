@@ -148,6 +148,7 @@ def test_main_writes_both_fragments(tmp_path, monkeypatch, toy_profiles):
     assert bookpages.main([str(out), "--metrics-dir", str(metrics)]) == 0
     assert "`12345`" in (out / "profiles_table.md").read_text()
     assert "| `06_evaluation` | 12 s |" in (out / "ci_costs_table.md").read_text()
+    assert "differs from the seed" in (out / "seed_differences.md").read_text()
     # the default metrics folder follows $REGDIFF_METRICS_DIR, as the notebooks' write_metrics does
     monkeypatch.setenv("REGDIFF_METRICS_DIR", str(metrics))
     assert bookpages.main([str(tmp_path / "again")]) == 0
@@ -201,3 +202,15 @@ def test_exercises_table_of_the_real_notebooks_has_two_per_chapter(tmp_path):
         assert ex["change"], f"exercise {ex['number']} says what to change"
     assert len(per_chapter) == 6
     assert all(len(v) >= 2 for v in per_chapter.values()), {k: len(v) for k, v in per_chapter.items()}
+
+
+def test_seed_differences_table_has_one_row_per_difference():
+    rows = [("vqae", "a | b", "because\nof c")]
+    md = bookpages.seed_differences_markdown(rows)
+    table = [line for line in md.splitlines() if line.startswith("| `")]
+    assert table == ["| `vqae` | a / b | because of c |"]  # pipes and newlines cannot break the table
+    listed = bookpages.seed_differences_markdown()
+    assert sum(line.startswith("| `") for line in listed.splitlines()) == len(bookpages.SEED_DIFFERENCES)
+    # every row names a stage of the profiles (or "all") and gives a reason
+    for stage, what, why in bookpages.SEED_DIFFERENCES:
+        assert stage in (*config.STAGES, "all") and what and why, (stage, what)

@@ -77,3 +77,20 @@ def test_overrides_are_typed():
 def test_bad_names_raise(name, overrides, match):
     with pytest.raises(ConfigError, match=match):
         get_profile(name, overrides)
+
+
+def test_case_lists_from_the_command_line():
+    # None defaults (paper, colab) read as case lists; ids normalised to three digits; "all" / "none" → None
+    p = get_profile("paper", {"data.train_cases": "032,033", "data.test_cases": "all"})
+    assert p.data.train_cases == ("032", "033") and p.data.test_cases is None
+    p = get_profile("colab", {"data.test_cases": "2, 8,104", "data.train_cases": "none"})
+    assert p.data.test_cases == ("002", "008", "104") and p.data.train_cases is None
+    assert get_profile("ci", {"data.test_cases": "All"}).data.test_cases is None
+    # other None-able fields keep their own type; "none" resets them
+    p = get_profile("ci", {"diffusion.ema": "0.99"})
+    assert p.diffusion.ema == 0.99 and get_profile("ci", {"diffusion.ema": "none"}).diffusion.ema is None
+    with pytest.raises(ConfigError, match="cannot read 'fast' as float"):
+        get_profile("ci", {"diffusion.ema": "fast"})
+    # a field that is not None-able does not take "none"
+    with pytest.raises(ConfigError, match="cannot read 'none' as int"):
+        get_profile("ci", {"vqae.iterations": "none"})

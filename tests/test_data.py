@@ -160,19 +160,45 @@ def test_pad_crop_puts_vessels_where_the_landmarks_are(release):
 
 def test_dilation_of_a_hand_made_volume():
     v = torch.zeros(5, 6, 7, dtype=torch.uint8)
-    v[0, 0, 0] = 1  # at a corner: only the 2×2×2 inside the volume
-    v[3, 3, 3] = 1  # inside: a full 3×3×3 cube
+    v[0, 0, 0] = 1  # at a corner: {0, 1}³ inside the volume, minus the diagonal corner (1, 1, 1) → 7
+    v[3, 3, 3] = 1  # inside: the 3×3×3 cube minus its 8 corners → 27 − 8 = 19
     expected = torch.zeros_like(v)
     expected[0:2, 0:2, 0:2] = 1
+    expected[1, 1, 1] = 0
     expected[2:5, 2:5, 2:5] = 1
+    for corner in ((2, 2, 2), (2, 2, 4), (2, 4, 2), (2, 4, 4), (4, 2, 2), (4, 2, 4), (4, 4, 2), (4, 4, 4)):
+        expected[corner] = 0
     out = data.dilate3(v)
     assert out.dtype == torch.uint8 and torch.equal(out, expected)
-    assert int(out.sum()) == 8 + 27
-    # the same as the library's max-pool on random data
+    assert int(out.sum()) == 7 + 19
+    # the same as scipy's binary dilation with the 18-neighbourhood on random data (batched too)
+    from scipy import ndimage
+
+    s18 = ndimage.generate_binary_structure(3, 2)
     g = torch.Generator().manual_seed(0)
     r = (torch.rand(2, 9, 8, 11, generator=g) > 0.9).to(torch.uint8)
-    pooled = F.max_pool3d(r[:, None].float(), 3, stride=1, padding=1)[:, 0].to(torch.uint8)
-    assert torch.equal(data.dilate3(r), pooled)
+    for i in range(2):
+        reference = ndimage.binary_dilation(r[i].numpy().astype(bool), s18)
+        assert np.array_equal(data.dilate3(r)[i].numpy().astype(bool), reference)
+
+
+@pytest.mark.parametrize("case", ["034"])
+def test_release_masks_are_18_neighbourhood_dilations(mirror_dir, case):
+    """The release's masks were dilated with the 18-neighbourhood: each is the dilation (by ``dilate3``)
+    of its own 18-erosion, i.e. unchanged by an 18-opening. With the full cube the opening loses voxels
+    (4–10 % per mask by the paper's facts sheet), so the cube cannot have made them."""
+    from scipy import ndimage
+
+    for side in ("1", "2"):
+        labels, _ = data.load_label_volume(mirror_dir / "dilated_vessels_10" / f"case_{case}_{side}.nii.gz")
+        mask = labels > 0
+        eroded = ndimage.binary_erosion(mask, ndimage.generate_binary_structure(3, 2))
+        reopened = data.dilate3(torch.from_numpy(eroded.view(np.uint8))).numpy().astype(bool)
+        assert np.array_equal(reopened, mask)
+        cube = np.ones((3, 3, 3), dtype=bool)
+        opened_by_cube = ndimage.binary_dilation(ndimage.binary_erosion(mask, cube), cube)
+        lost = 1 - opened_by_cube.sum() / mask.sum()
+        assert 0.03 < lost < 0.11, lost
 
 
 def test_release_is_not_dilated_twice_but_raw_data_is(tmp_path):
@@ -188,7 +214,9 @@ def test_release_is_not_dilated_twice_but_raw_data_is(tmp_path):
         [128, 96, 128]
     ]
     pair = data.load_canonical_pair(f, m, case="000", dilate=True)
-    assert int(pair.fixed.sum()) == 27 and bool(pair.fixed[127:130, 95:98, 127:130].all())
+    # one voxel → its 18-neighbourhood: the 3×3×3 block around (128, 96, 128) without the 8 corners
+    block = pair.fixed[127:130, 95:98, 127:130]
+    assert int(pair.fixed.sum()) == 19 and int(block.sum()) == 19 and int(block[0, 0, 0]) == 0
 
 
 def test_resampling_keeps_a_one_voxel_thin_vessel():
@@ -378,7 +406,9 @@ def test_cached_prepare_still_fetches_a_missing_release_file(prepared_ci, mirror
 
 def test_stale_cache_is_refused(prepared_ci):
     other = get_profile("ci", {"data.shape": "128,104,128"})
-    with pytest.raises(data.DataError, match="rerun `python -m regdiff_core prepare"):
+    with pytest.raises(
+        data.DataError, match=r"same --set data.train_cases=… as to prepare.*another --work-dir"
+    ):
         data.load_pairs(other, prepared_ci.work_dir, "train")
 
 

@@ -66,7 +66,12 @@ def test_paper_denoiser_has_28_0_million_parameters():
     expected = (K + 1) * d + N * d + L * per_layer + 2 * d + d * K
     assert count_parameters(net) == expected == 27_987_456
     assert round(count_parameters(net) / 1e6, 1) == 28.0
-    assert paper.diffusion.dropout == 0.0 and not paper.diffusion.pre_norm and paper.diffusion.ema is None
+    # the seed: nn.TransformerEncoderLayer's default dropout 0.1, post-norm, no EMA, the loss / (ln 2 · K · N)
+    assert paper.diffusion.dropout == 0.1 and not paper.diffusion.pre_norm and paper.diffusion.ema is None
+    assert paper.diffusion.loss_norm == "seed"
+    drops = [m.p for m in net.modules() if isinstance(m, nn.Dropout)]
+    assert len(drops) == 12 * 3 and set(drops) == {0.1}  # per layer: after attention, inside and after FF
+    assert nn.TransformerEncoderLayer(8, 2).dropout.p == 0.1  # PyTorch's default, which the seed keeps
 
 
 def test_layers_start_from_independent_weights_and_embeddings_from_n0_002():
@@ -123,6 +128,12 @@ def test_weighted_elbo_loss_matches_a_hand_computed_case():
     assert float(out.elbo) == pytest.approx(elbo, rel=1e-6)
     # argmax on the masked tokens: grid 0 → (tie → 0 ✓, 0 ✓); grid 1 → 1 ✓
     assert float(out.accuracy) == pytest.approx(1.0)
+    # the seed's normalisation divides by ln 2 · K · N instead: K = 2 times smaller, ELBO term unchanged
+    seed = weighted_elbo_loss(logits, x_0, mask, t, norm="seed")
+    assert float(seed.loss) == pytest.approx(expected / 2, rel=1e-6)
+    assert float(seed.elbo) == pytest.approx(elbo, rel=1e-6)
+    with pytest.raises(ValueError, match="loss norm"):
+        weighted_elbo_loss(logits, x_0, mask, t, norm="per-code")
     # unmasked positions do not count
     logits2 = logits.clone()
     logits2[0, 2] = torch.tensor([9.0, -9.0])
@@ -221,6 +232,24 @@ def test_training_learns_saves_resumes_and_reloads(tmp_path):
     short = dataclasses.replace(TINY, iterations=2)
     fresh = train_denoiser(profile, tmp_path, torch.device("cpu"), tokens=other, cfg=short, progress=False)
     assert len(fresh.history) == 2
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_training_optimises_the_profiles_loss_norm(tmp_path, dropout):
+    """The first step's logged loss is the per-token one divided by K = 6 under ``loss_norm="seed"``
+    (same seed, same batch, same weights: only the normalisation differs)."""
+    grid = (4, 3, 4)
+    pattern = torch.arange(48).remainder(6).view(1, *grid)
+    tokens = Tokens(pattern.repeat(6, 1, 1, 1), [f"{i:03d}" for i in range(6)], grid, 6)
+    first = {}
+    for norm in ("per-token", "seed"):
+        cfg = dataclasses.replace(TINY, iterations=1, log_every=1, dropout=dropout, loss_norm=norm)
+        torch.manual_seed(0)
+        run = train_denoiser(get_profile("ci"), tmp_path / norm, torch.device("cpu"), tokens=tokens, cfg=cfg,
+                             progress=False)  # fmt: skip
+        first[norm] = run.history[0]
+    assert first["seed"]["loss"] == pytest.approx(first["per-token"]["loss"] / 6, rel=1e-5)
+    assert first["seed"]["elbo"] == pytest.approx(first["per-token"]["elbo"], rel=1e-5)
 
 
 def test_missing_checkpoint_names_the_chapter(tmp_path):

@@ -18,6 +18,13 @@ def test_small_run_covers_every_stage_without_errors(tmp_path):
     for name, result in report["stages"].items():
         assert "skipped" not in result, f"{name} has no gpu_benchmark"
         assert result["wall_seconds"] > 0
+    # sampling in large batches: one batch timed, scaled to the pairs chapter 4 samples
+    big = report["stages"]["diffusion"]["sample_large_batches"]
+    assert (
+        big["estimated_n_pairs_seconds"] == round(big["seconds_per_pair"] * big["n_pairs"], 1)
+        or abs(big["estimated_n_pairs_seconds"] - big["seconds_per_pair"] * big["n_pairs"])
+        < 0.05 * big["n_pairs"]
+    )
 
 
 def test_refuses_paper_size_on_cpu(tmp_path, capsys):

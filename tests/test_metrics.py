@@ -354,3 +354,35 @@ def test_original_frame_voxels_are_mm_within_0_35_percent(mirror_dir):
         [nib.load(p).header.get_zooms() for p in sorted((mirror_dir / "dilated_vessels_ts").glob("*.nii.gz"))]
     )
     assert len(zooms) == 40 and np.abs(zooms - 1).max() < 0.0035
+
+
+def test_per_landmark_csv_has_the_papers_shape_and_case_order(tmp_path):
+    from types import SimpleNamespace
+
+    from regdiff_core.metrics import (
+        CaseEvaluation,
+        Evaluation,
+        MapMetrics,
+        checkpoint_label,
+        write_per_landmark_csv,
+    )
+
+    def case(name, initial, net, tta=None):
+        mm = lambda tre: MapMetrics(torch.tensor(tre), 0.0, 0.0, 0.0, 1.0)  # noqa: E731
+        return CaseEvaluation(name, torch.tensor(initial), 0.5, mm(net), mm(tta) if tta else None)
+
+    # given out of order (104 before 002): rows follow ALL_TEST_CASES, like the paper's CSVs
+    ev = Evaluation(
+        "x", 1, [case("104", [9.0], [3.0], [2.0]), case("002", [5.0, 6.0], [1.0, 2.0], [0.5, 1.5])]
+    )
+    path = write_per_landmark_csv(ev, tmp_path / "out.csv")
+    table = np.loadtxt(path, delimiter=",")
+    assert table.tolist() == [[5.0, 1.0, 0.5], [6.0, 2.0, 1.5], [9.0, 3.0, 2.0]]
+    no_tta = Evaluation("y", 0, [case("002", [5.0], [1.0])])
+    row = np.loadtxt(write_per_landmark_csv(no_tta, tmp_path / "b.csv"), delimiter=",", ndmin=2)
+    assert row[0, :2].tolist() == [5.0, 1.0] and np.isnan(row[0, 2])
+    # labels: the stored regime, a released network's regime, else the file name
+    assert checkpoint_label(SimpleNamespace(regime="synthetic"), "w/model.pt") == ("synthetic", "synthetic")
+    released = checkpoint_label(SimpleNamespace(regime=None), "d/regnets_state_synth.pth")
+    assert released == ("released synthetic", "synthetic")
+    assert checkpoint_label(SimpleNamespace(regime=None), "d/mine.pt") == ("mine", None)

@@ -302,3 +302,32 @@ def test_cli_stages_are_registered():
     assert args.regime == "real_few"
     args = parser.parse_args(["evaluate", "--checkpoint", "identity", "--tta", "0", "--json", "x.json"])
     assert (args.checkpoint, args.tta, args.json) == ("identity", 0, "x.json")
+
+
+def test_regime_data_streams_synthetic_pairs_through_a_bounded_cache(tmp_path):
+    """Synthetic pairs stay on disk: a batch reads them (the same values load_synthetic gives), and the
+    cache never holds more than its byte bound; real pairs stay uint8 until a batch converts them."""
+    from regdiff_core.sampling import export_pair, load_synthetic
+
+    g = torch.Generator().manual_seed(0)
+    shape = (8, 6, 8)
+    for i in range(5):
+        p = torch.rand(2, *shape, generator=g)
+        export_pair(tmp_path / "synthetic", f"synth_{i + 1:04d}", p[0], p[1], nifti=False)
+    files = sorted((tmp_path / "synthetic").glob("synth_*.npz"))
+    pair_bytes = 2 * 8 * 6 * 8 * 2  # two fp16 volumes
+    real = (torch.rand(2, *shape, generator=g) > 0.5).to(torch.uint8)
+    data = R.RegimeData("synthetic_plus_few", ["r0", "r1"] + [f.stem for f in files], real, real.roll(1, 1),
+                        2, 5, synthetic_files=files, cache_bytes=2 * pair_bytes)  # fmt: skip
+    assert len(data) == 7 and data.shape == shape and data.fixed.dtype == torch.uint8
+    expected = load_synthetic(tmp_path)
+    fixed, moving = data.batch(torch.tensor([6, 0, 3, 2, 4]))
+    assert fixed.dtype == torch.float32 and fixed.shape == (5, *shape)
+    assert torch.equal(fixed[0], expected.fixed[4]) and torch.equal(moving[2], expected.moving[1])
+    assert torch.equal(fixed[1], real[0].float())
+    assert data._cached_bytes <= 2 * pair_bytes and len(data._cache) == 2
+    # the LRU keeps the last two read (synthetic 0 and 2 of the files), in that order
+    assert list(data._cache) == [0, 2]
+    with pytest.raises(ValueError, match="differ in shape"):
+        R.RegimeData("synthetic_plus_few", ["r0"] + [f.stem for f in files], real[:1, :4], real[:1, :4],
+                     1, 5, synthetic_files=files)  # fmt: skip
