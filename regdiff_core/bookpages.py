@@ -193,7 +193,7 @@ SEED_DIFFERENCES: tuple[tuple[str, str, str], ...] = (
      "minutes of compile time on a CPU and fragile on Colab; it changes nothing numerically, and the "
      "loaders strip its `_orig_mod.` prefixes from the seed's checkpoints"),
     ("all", "device-agnostic code; fp16 autocast only on CUDA",
-     "the seed hard-codes `.cuda()`; on a CUDA GPU `paper` runs the seed's mixed precision"),
+     "the seed moves every tensor to the GPU by hand; on a CUDA GPU `paper` runs the seed's mixed precision"),
     ("vqae", "training patches are drawn from the prepared 256×208×256 canonical volumes, not from the "
      "uncropped scans", "one data path for every chapter; the canonical frame holds the whole lung"),
     ("vqae", "codebook usage and perplexity are logged", "a report only: `dead_code_restart` stays off, "

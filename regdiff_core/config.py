@@ -495,33 +495,28 @@ CI_TEST_CASES: tuple[str, ...] = (
     "114", "116", "117", "118", "119", "121", "123",
 )  # fmt: skip
 
+#: colab's networks, which the gpu profile shares (only its batch, lengths and learning rate differ)
+_COLAB_VQAE = VQAEConfig(
+    channels=(32, 32, 64, 64, 128, 256),
+    strides=(1, 2, 1, 2, 1, 2),
+    codebook_size=512,
+    embed_dim=256,
+    patch_size=64,
+    batch_size=4,
+    iterations=6000,
+    dead_code_restart=True,
+    ckpt_every=500,
+)
+_COLAB_DENOISER = DiffusionConfig(n_layers=8, width=384, n_heads=12, ff=768, iterations=6000, ckpt_every=500)
+
 PROFILES: dict[str, Profile] = {
     # the seed exactly; where its defaults are not the seed's, they are set here
     "paper": Profile(name="paper", diffusion=DiffusionConfig(dropout=0.1, loss_norm="seed")),
     "colab": Profile(
         name="colab",
         data=DataConfig(shape=(128, 104, 128)),
-        vqae=VQAEConfig(
-            channels=(32, 32, 64, 64, 128, 256),
-            strides=(1, 2, 1, 2, 1, 2),
-            codebook_size=512,
-            embed_dim=256,
-            patch_size=64,
-            batch_size=4,
-            iterations=6000,
-            dead_code_restart=True,
-            ckpt_every=500,
-        ),
-        diffusion=DiffusionConfig(
-            n_layers=8,
-            width=384,
-            n_heads=12,
-            ff=768,
-            iterations=6000,
-            ckpt_every=500,
-            ablation_iterations=500,
-            ablation_ema=0.99,
-        ),
+        vqae=_COLAB_VQAE,
+        diffusion=dataclasses.replace(_COLAB_DENOISER, ablation_iterations=500, ablation_ema=0.99),
         sampling=SamplingConfig(n_pairs=64, steps=128),
         registration=RegistrationConfig(scale=1.0, batch_size=4, iterations=600, n_synthetic=64),
     ),
@@ -533,22 +528,8 @@ PROFILES: dict[str, Profile] = {
         data=DataConfig(
             shape=(128, 104, 128), train_dataset="unleashing-registration", train_cases=RELEASE_TRAIN_CASES
         ),
-        vqae=VQAEConfig(
-            channels=(32, 32, 64, 64, 128, 256),
-            strides=(1, 2, 1, 2, 1, 2),
-            codebook_size=512,
-            embed_dim=256,
-            patch_size=64,
-            batch_size=8,
-            lr=1e-3,
-            iterations=2000,
-            dead_code_restart=True,
-            encode_batch=4,
-            ckpt_every=500,
-        ),
-        diffusion=DiffusionConfig(
-            n_layers=8, width=384, n_heads=12, ff=768, warmup=200, iterations=2000, ckpt_every=500
-        ),
+        vqae=dataclasses.replace(_COLAB_VQAE, batch_size=8, lr=1e-3, iterations=2000, encode_batch=4),
+        diffusion=dataclasses.replace(_COLAB_DENOISER, warmup=200, iterations=2000),
         sampling=SamplingConfig(n_pairs=32, steps=64, batch_size=16, n_stats=32, steps_sweep=(64, 16, 4)),
         registration=RegistrationConfig(
             scale=1.0, batch_size=4, iterations=300, n_synthetic=32, ckpt_every=100
@@ -571,9 +552,9 @@ PROFILES: dict[str, Profile] = {
         # each: (32, 64) with 128 codes keeps 14 % (test-pair Dice 0.656); (32, 64)/512 16 % (0.678);
         # (48, 96)/512 20 % (0.689); (64, 128)/512 23 % (0.692); a deeper (32, 64, 64)/(2, 2, 1) with 512
         # codes only 3 %. The first release's (16, 32)/128 for 300 steps kept almost none (reconstructed
-        # test pairs overlapped with Dice 0.96, the scans 0.39). (48, 96)/512 took 131 s per training run in
-        # chapter 2 (which trains twice), the first release's (32, 64)/128 about 65 s: the 15-minute budget
-        # of `make test` has no room for the wider net, so ci keeps (32, 64) with the larger codebook.
+        # test pairs overlapped with Dice 0.96, the scans 0.39). Chapter 2 trains twice; one run of (48, 96)/512
+        # took 131 s there (on a loaded machine), one of (32, 64)/512 97 s: the budget of `make test` has no
+        # room for the wider net, so ci keeps (32, 64) with the larger codebook.
         vqae=VQAEConfig(
             channels=(32, 64),
             strides=(2, 2),

@@ -12,18 +12,20 @@ from data_download.mirror import serve
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _shared_mirror(env_var: str, name: str) -> Path:
+    """``$env_var``, else ``<repo>/../shared/data/<name>``; skips the test if that folder is absent."""
+    env = os.environ.get(env_var)
+    directory = Path(env) if env else REPO_ROOT.parent / "shared" / "data" / name
+    if not directory.is_dir():
+        pytest.skip(f"data mirror not found at {directory}: set {env_var} to a copy of shared/data/{name}")
+    return directory
+
+
 @pytest.fixture(scope="session")
 def mirror_dir() -> Path:
     """The read-only unleashing-registration mirror: ``$REGDIFF_MIRROR_DIR``, else
     ``<repo>/../shared/data/unleashing-registration``; skips the test if it is absent."""
-    env = os.environ.get("REGDIFF_MIRROR_DIR")
-    directory = Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "unleashing-registration"
-    if not directory.is_dir():
-        pytest.skip(
-            f"data mirror not found at {directory}: set REGDIFF_MIRROR_DIR to a copy of "
-            "shared/data/unleashing-registration"
-        )
-    return directory
+    return _shared_mirror("REGDIFF_MIRROR_DIR", "unleashing-registration")
 
 
 @pytest.fixture(scope="session")
@@ -38,14 +40,7 @@ def mirror_url(mirror_dir):
 def repo_mirror_dir() -> Path:
     """The read-only mirror of Lung250M-4B's repository files: ``$REGDIFF_REPO_MIRROR_DIR``, else
     ``<repo>/../shared/data/lung250m-4b-repo``; skips the test if it is absent."""
-    env = os.environ.get("REGDIFF_REPO_MIRROR_DIR")
-    directory = Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "lung250m-4b-repo"
-    if not directory.is_dir():
-        pytest.skip(
-            f"Lung250M-4B repository mirror not found at {directory}: set REGDIFF_REPO_MIRROR_DIR to a copy "
-            "of shared/data/lung250m-4b-repo"
-        )
-    return directory
+    return _shared_mirror("REGDIFF_REPO_MIRROR_DIR", "lung250m-4b-repo")
 
 
 @pytest.fixture(scope="session")
