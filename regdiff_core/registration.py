@@ -208,6 +208,23 @@ def exp_velocity(v: torch.Tensor, steps: int = 12) -> torch.Tensor:
     return seed_to_voxel(w)
 
 
+def exp_both(v: torch.Tensor, steps: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exp(v), exp(−v)) in one batched :func:`exp_velocity`: the same numbers as two calls, bit for bit.
+
+    On a CPU ``grid_sample`` in 3D runs its batch in parallel, one sample per thread: a batch of one
+    (test-time adaptation) leaves the second core idle, a batch of two does not. Every sample is computed
+    on its own, so batching changes no rounding (``tests/test_registration.py`` checks equality).
+    """
+    return exp_velocity(torch.cat([v, -v]), steps).chunk(2)
+
+
+def warp_both(
+    A: torch.Tensor, B: torch.Tensor, phi_A: torch.Tensor, phi_B: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A∘φ_A, B∘φ_B) in one batched :func:`warp` (zero padding), equal bit for bit to two calls."""
+    return warp(torch.cat([A, B]), torch.cat([phi_A, phi_B])).chunk(2)
+
+
 def monai_exp_velocity(v: torch.Tensor, steps: int = 12) -> torch.Tensor:
     """The same exponential with MONAI's ``DVF2DDF`` (border padding), for the tests."""
     with warnings.catch_warnings():
@@ -357,9 +374,8 @@ class TwoStepRegistration(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Warp both images half way: A∘exp(v/2), B∘exp(−v/2) (the input of the next step), no gradient."""
         with torch.no_grad():
-            root_AB = exp_velocity(v / 2, self.cfg.ss_steps)
-            root_BA = exp_velocity(-v / 2, self.cfg.ss_steps)
-            return warp(A, root_AB), warp(B, root_BA)
+            root_AB, root_BA = exp_both(v / 2, self.cfg.ss_steps)
+            return warp_both(A, B, root_AB, root_BA)
 
     @torch.no_grad()
     def register(self, A: torch.Tensor, B: torch.Tensor) -> Registration:
@@ -368,11 +384,13 @@ class TwoStepRegistration(nn.Module):
         v1 = self.velocity(0, A, B)
         A_mid, B_mid = self.midpoint(A, B, v1)
         v2 = self.velocity(1, A_mid, B_mid)
-        root1_AB, root1_BA = exp_velocity(v1 / 2, steps), exp_velocity(-v1 / 2, steps)
+        # both directions in one batch (the same numbers as one call each, see exp_both)
+        roots = exp_velocity(torch.cat([v1 / 2, -v1 / 2]), steps)
+        phi2 = exp_velocity(torch.cat([v2, -v2]), steps)
         # φ_AB = root₁ ∘ φ₂ ∘ root₁,  φ_BA = root₁⁻¹ ∘ φ₂⁻¹ ∘ root₁⁻¹
-        phi_AB = compose(root1_AB, compose(exp_velocity(v2, steps), root1_AB))
-        phi_BA = compose(root1_BA, compose(exp_velocity(-v2, steps), root1_BA))
-        return Registration(phi_AB, phi_BA, v1, v2, root1_AB, warp(A, phi_AB), warp(B, phi_BA))
+        phi_AB, phi_BA = compose(roots, compose(phi2, roots)).chunk(2)
+        root1_AB = roots.chunk(2)[0]
+        return Registration(phi_AB, phi_BA, v1, v2, root1_AB, *warp_both(A, B, phi_AB, phi_BA))
 
 
 def smoothness(ddf: torch.Tensor) -> torch.Tensor:
@@ -386,9 +404,9 @@ def registration_loss(
     A: torch.Tensor, B: torch.Tensor, v: torch.Tensor, steps: int, weight: float
 ) -> StepLoss:
     """L = |A∘φ_AB − B|₁ + |B∘φ_BA − A|₁ + λ·(R(φ_AB) + R(φ_BA)), φ_AB = exp(v), φ_BA = exp(−v). L1 = mean."""
-    phi_AB = exp_velocity(v, steps)
-    phi_BA = exp_velocity(-v, steps)
-    l1 = F.l1_loss(warp(A, phi_AB), B) + F.l1_loss(warp(B, phi_BA), A)
+    phi_AB, phi_BA = exp_both(v, steps)
+    warped_A, warped_B = warp_both(A, B, phi_AB, phi_BA)
+    l1 = F.l1_loss(warped_A, B) + F.l1_loss(warped_B, A)
     smooth = smoothness(phi_AB) + smoothness(phi_BA)
     return StepLoss(l1 + weight * smooth, l1, smooth, phi_AB, phi_BA)
 

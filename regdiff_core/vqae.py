@@ -312,9 +312,11 @@ def tokens_path(work_dir: str | Path) -> Path:
     return Path(work_dir) / "tokens.pt"
 
 
-def load_vqae(profile: Profile, work_dir: str | Path, device: torch.device | str = "cpu") -> PairedVQAE:
-    """The trained VQ-AE from ``work_dir/vqae/model.pt`` on ``device``, in eval mode."""
-    path = model_path(work_dir)
+def load_vqae(
+    profile: Profile, work_dir: str | Path, device: torch.device | str = "cpu", path: str | Path | None = None
+) -> PairedVQAE:
+    """The trained VQ-AE from ``work_dir/vqae/model.pt`` (or ``path``) on ``device``, in eval mode."""
+    path = model_path(work_dir) if path is None else Path(path)
     if not path.exists():
         raise FileNotFoundError(
             f"no trained VQ-AE at {path}: run chapter 2 (notebooks/02_vqae.ipynb) or "
@@ -609,6 +611,8 @@ def train_vqae(
     *,
     out_dir: str | Path | None = None,
     iterations: int | None = None,
+    stop_after: int | None = None,
+    snapshot_at: int | None = None,
     progress: bool = True,
 ) -> VQAETrainResult:
     """Train ``model`` on random patches of ``volumes`` (N, 2, *shape), {0,1}, kept on the CPU.
@@ -619,11 +623,17 @@ def train_vqae(
     ``cfg.dead_code_restart``) dead codes are re-initialised from recent encoder outputs.
     With ``out_dir``, checkpoints (``ckpt.pt``) and ``history.csv`` go there and an existing
     checkpoint is resumed. Seed torch before calling for a repeatable run.
+
+    ``stop_after``: end after that many steps of the ``iterations``-step schedule (the same steps as a
+    full run up to there). ``snapshot_at`` (with ``out_dir``): also save the model after that step as
+    ``model_step<k>.pt`` (:func:`snapshot_path`); saving changes nothing in the run.
     """
     from regdiff_core.training import train_loop
     from regdiff_core.utils import autocast, count_parameters
 
     iterations = cfg.iterations if iterations is None else iterations
+    n_steps = iterations if stop_after is None else min(stop_after, iterations)
+    out_dir = Path(out_dir) if out_dir is not None else None
     model = model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     # T_0 = ⌈iterations / 7⌉ (the seed's iterations // 7 when that divides): with T_mult = 2 the cycles
@@ -664,13 +674,14 @@ def train_vqae(
             row["codebook_used"], row["perplexity"] = stats.used, stats.perplexity
             row["restarted"] = model.quantiser.restart_dead_codes() if cfg.dead_code_restart else 0
             model.quantiser.reset_usage()
+        if step == snapshot_at and out_dir is not None:
+            save_vqae(model, snapshot_path(out_dir, step))
         return row
 
-    out_dir = Path(out_dir) if out_dir is not None else None
     result = train_loop(
         step_fn,
         {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler},
-        iterations,
+        n_steps,
         ckpt_path=out_dir / "ckpt.pt" if out_dir else None,
         ckpt_every=cfg.ckpt_every,
         log_every=cfg.log_every,
@@ -691,6 +702,11 @@ def train_vqae(
     )
 
 
+def snapshot_path(out_dir: str | Path, step: int) -> Path:
+    """Where :func:`train_vqae` (``snapshot_at=step``) keeps the model after ``step`` steps."""
+    return Path(out_dir) / f"model_step{step}.pt"
+
+
 def save_vqae(model: PairedVQAE, path: str | Path) -> Path:
     """Write the weights and the config they were built with (``{"state": {"model": …}, "config": …}``)."""
     from regdiff_core.utils import atomic_torch_save
@@ -708,6 +724,8 @@ def train(
     *,
     dead_code_restart: bool | None = None,
     iterations: int | None = None,
+    stop_after: int | None = None,
+    snapshot_at: int | None = None,
     run_name: str = "vqae",
     progress: bool = True,
 ) -> VQAETrainResult:
@@ -715,7 +733,8 @@ def train(
 
     ``run_name="vqae"`` is the model later chapters load; other names keep side runs (the notebook's
     comparison with/without dead-code restarts) apart. ``dead_code_restart`` / ``iterations``
-    override the profile for this run. Resumes from ``work_dir/<run_name>/ckpt.pt`` if present.
+    override the profile for this run; ``stop_after`` and ``snapshot_at`` as in :func:`train_vqae`.
+    Resumes from ``work_dir/<run_name>/ckpt.pt`` if present.
     """
     from regdiff_core.data import load_pairs
     from regdiff_core.utils import resolve_device, seed_everything
@@ -731,7 +750,10 @@ def train(
     seed_everything(seed)
     model = build_vqae(cfg)
     out_dir = Path(work_dir) / run_name
-    result = train_vqae(model, volumes, cfg, device, out_dir=out_dir, progress=progress)
+    result = train_vqae(
+        model, volumes, cfg, device, out_dir=out_dir, stop_after=stop_after, snapshot_at=snapshot_at,
+        progress=progress,
+    )  # fmt: skip
     save_vqae(result.model, out_dir / "model.pt")
     return result
 

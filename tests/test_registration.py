@@ -171,6 +171,41 @@ def test_inverse_consistent_by_construction(shape, tanh_scale):
     assert residual.mean() < 0.02 * size.mean()
 
 
+def test_both_directions_in_one_batch_are_bit_for_bit_two_calls():
+    """exp_both / warp_both (and register) batch the two directions; with two threads grid_sample splits
+    that batch between them, and no number of either direction, value or gradient, may change."""
+    shape = (12, 10, 14)
+    torch.set_num_threads(2)  # the fixture sets one thread and restores the count afterwards
+    v = smooth_field(shape, 3.0, seed=1, batch=2)
+    A = torch.cat([blobs(shape, 1), blobs(shape, 2)])
+    B = torch.cat([blobs(shape, 3), blobs(shape, 4)])
+    e_ab, e_ba = R.exp_both(v, 4)
+    assert torch.equal(e_ab, R.exp_velocity(v, 4)) and torch.equal(e_ba, R.exp_velocity(-v, 4))
+    w_a, w_b = R.warp_both(A, B, e_ab, e_ba)
+    assert torch.equal(w_a, R.warp(A, e_ab)) and torch.equal(w_b, R.warp(B, e_ba))
+    # the loss and its gradient against the two-call formula
+    v1, v2 = v.clone().requires_grad_(), v.clone().requires_grad_()
+    terms = R.registration_loss(A, B, v1, 4, 0.5)
+    terms.loss.backward()
+    phi_ab, phi_ba = R.exp_velocity(v2, 4), R.exp_velocity(-v2, 4)
+    l1 = F.l1_loss(R.warp(A, phi_ab), B) + F.l1_loss(R.warp(B, phi_ba), A)
+    ref = l1 + 0.5 * (R.smoothness(phi_ab) + R.smoothness(phi_ba))
+    ref.backward()
+    assert torch.equal(terms.loss, ref) and torch.equal(v1.grad, v2.grad)
+    # the final maps of register: φ_AB = root₁ ∘ φ₂ ∘ root₁ and its inverse, one direction at a time
+    model = R.build_registration(dataclasses.replace(TINY, ss_steps=4, tanh_scale=2000.0)).eval()
+    out = model.register(A, B)
+    A_mid, B_mid = R.warp(A, R.exp_velocity(out.v1 / 2, 4)), R.warp(B, R.exp_velocity(-out.v1 / 2, 4))
+    with torch.no_grad():
+        assert torch.equal(model.velocity(1, A_mid, B_mid), out.v2)
+    r_ab, r_ba = R.exp_velocity(out.v1 / 2, 4), R.exp_velocity(-out.v1 / 2, 4)
+    phi_ab = R.compose(r_ab, R.compose(R.exp_velocity(out.v2, 4), r_ab))
+    phi_ba = R.compose(r_ba, R.compose(R.exp_velocity(-out.v2, 4), r_ba))
+    assert float(phi_ab.abs().max()) > 0.2  # voxels: a deformation, not the identity
+    assert torch.equal(out.phi_AB, phi_ab) and torch.equal(out.phi_BA, phi_ba)
+    assert torch.equal(out.root1, r_ab) and torch.equal(out.warped_A, R.warp(A, phi_ab))
+
+
 def test_network_handles_sizes_not_divisible_by_the_strides():
     model = R.build_registration(TINY)
     A = torch.rand(1, 1, 13, 11, 17)

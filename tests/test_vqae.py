@@ -300,6 +300,31 @@ def test_training_resumes_exactly_with_dead_code_restarts(tmp_path):
     assert (tmp_path / "history.csv").exists() and (tmp_path / "ckpt.pt").exists()
 
 
+def test_a_run_stopped_early_is_the_start_of_the_full_run_and_its_snapshot(tmp_path):
+    """Chapter 2's comparison: stop_after=k keeps the full schedule, snapshot_at=k saves the full run at k."""
+    cfg = dataclasses.replace(TINY, iterations=8)  # T_0 = ⌈8 / 7⌉ = 2: a 3-step run would have T_0 = 1
+    volumes = _tubes(3)
+    torch.manual_seed(0)
+    full = vqae.train_vqae(
+        vqae.build_vqae(cfg), volumes, cfg, torch.device("cpu"), out_dir=tmp_path / "full", snapshot_at=3,
+        progress=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    short = vqae.train_vqae(
+        vqae.build_vqae(cfg), volumes, cfg, torch.device("cpu"), out_dir=tmp_path / "short", stop_after=3,
+        progress=False,
+    )  # fmt: skip
+    assert len(full.history) == 8 and len(short.history) == 3
+    assert short.history == full.history[:3]  # losses, lr (the 8-step schedule) and codebook counts
+    assert [r["lr"] for r in short.history] == pytest.approx([5e-3, 2.5e-3, 5e-3])
+    snap = torch.load(vqae.snapshot_path(tmp_path / "full", 3), weights_only=False)["state"]["model"]
+    for (k, p), q in zip(short.model.state_dict().items(), snap.values()):
+        assert torch.equal(p, q), k
+    # the snapshot is step 3, not the end of the run
+    assert any(not torch.equal(p, q) for p, q in zip(full.model.state_dict().values(), snap.values()))
+    assert not vqae.snapshot_path(tmp_path / "short", 3).exists()
+
+
 def test_training_beats_the_trivial_baseline_on_tubes():
     # a quality threshold, not just "it runs": 60 steps on 16³ tube pairs, judged on unseen pairs
     cfg = dataclasses.replace(
