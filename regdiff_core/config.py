@@ -556,9 +556,9 @@ PROFILES: dict[str, Profile] = {
         # each: (32, 64) with 128 codes keeps 14 % (test-pair Dice 0.656); (32, 64)/512 16 % (0.678);
         # (48, 96)/512 20 % (0.689); (64, 128)/512 23 % (0.692); a deeper (32, 64, 64)/(2, 2, 1) with 512
         # codes only 3 %. The first release's (16, 32)/128 for 300 steps kept almost none (reconstructed
-        # test pairs overlapped with Dice 0.96, the scans 0.39). Chapter 2 trains twice; one run of (48, 96)/512
-        # took 131 s there (on a loaded machine), one of (32, 64)/512 97 s: the budget of `make test` has no
-        # room for the wider net, so ci keeps (32, 64) with the larger codebook.
+        # test pairs overlapped with Dice 0.96, the scans 0.39). One run of (48, 96)/512 took 131 s here (on a
+        # loaded machine), one of (32, 64)/512 97 s; chapter 2 trains one full run and a third of one: the
+        # budget of `make test` has no room for the wider net, so ci keeps (32, 64) with the larger codebook.
         vqae=VQAEConfig(
             channels=(32, 64),
             strides=(2, 2),
