@@ -75,6 +75,8 @@ class VQAEConfig:
     strides: tuple[int, ...] = (1, 2, 1, 2, 1, 2, 1, 2)
     codebook_size: int = 1024
     embed_dim: int = 384  # = channels[-1]: the quantiser works on the encoder's last feature map
+    #: normalisation after each convolution: "instance" (MONAI's default, the paper's), "batch" or "none"
+    norm: str = "instance"
     beta: float = 0.25  # commitment weight
     legacy_beta: bool = True  # the seed puts β on the codebook term (taming's legacy form); False: VQ-VAE's
     codebook_weight: float = 0.1
@@ -109,6 +111,12 @@ class DiffusionConfig:
     loss_norm: str = "per-token"
     pre_norm: bool = False
     ema: float | None = None  # e.g. 0.999; None = no EMA (the seed)
+    #: training-grid augmentation (not in the paper, whose 97 pairs need none): each training pair is also
+    #: encoded mirrored left–right (``augment_flip``) and shifted by half a token (``augment_shift``:
+    #: "none", "diagonal" = one shift along all three axes, "axes" = one along each axis, "all" = every
+    #: combination of axes), so the denoiser sees the same anatomy under other token boundaries
+    augment_flip: bool = False
+    augment_shift: str = "none"
     T: int = 256
     lr: float = 1e-4
     warmup: int = 500
@@ -122,6 +130,8 @@ class DiffusionConfig:
     ablation_iterations: int = 0
     ablation_ema: float = 0.999  # EMA decay tracked alongside each comparison run
     ablation_variants: tuple[str, ...] = ("baseline", "pre-norm", "dropout 0.1 (seed)")
+    #: steps of chapter 3's run on the paper's own token grids (0 = ``iterations``)
+    side_iterations: int = 0
 
 
 @dataclass(frozen=True)
@@ -156,6 +166,9 @@ class RegistrationConfig:
     n_few: int = 10  # the "few real pairs" regime (the release's 10 training pairs at paper scale)
     n_synthetic: int = 256  # synthetic pairs used by the synthetic regimes
     regimes: tuple[str, ...] = ("real_all", "real_few", "synthetic", "synthetic_plus_few")
+    #: training runs (seeds seed, seed + 1, …) of each regime in ``seed_regimes``; the others train once
+    seeds: int = 1
+    seed_regimes: tuple[str, ...] = ("real_all", "real_few", "synthetic")
     amp: bool = True  # the seed's fp16 autocast of the UNets (CUDA only)
     ckpt_every: int = 250
     log_every: int = 50
@@ -167,6 +180,9 @@ class EvaluationConfig:
 
     tta_iterations: int = 50  # per test pair, fine-tuning copies of both networks
     tta_lr: float = 0.005  # Adam
+    #: chapter 6's curve of TRE against TTA steps: the step counts, and on how many test pairs (0 = all)
+    curve_steps: tuple[int, ...] = (0, 10, 25, 50)
+    curve_pairs: int = 0
 
 
 STAGES: dict[str, type] = {
@@ -261,6 +277,7 @@ RANGES: dict[str, dict[str, _Rule]] = {
         "strides": _ints(1),
         "codebook_size": _int(2),
         "embed_dim": _int(1),
+        "norm": _choice("instance", "batch", "none"),
         "beta": _real(0.0),
         "legacy_beta": _BOOL,
         "codebook_weight": _real(0.0),
@@ -290,6 +307,8 @@ RANGES: dict[str, dict[str, _Rule]] = {
         "loss_norm": _choice("per-token", "seed"),
         "pre_norm": _BOOL,
         "ema": _optional(_SHARE),
+        "augment_flip": _BOOL,
+        "augment_shift": _choice("none", "diagonal", "axes", "all"),
         "T": _int(1),
         "lr": _LR,
         "warmup": _int(0),
@@ -301,6 +320,7 @@ RANGES: dict[str, dict[str, _Rule]] = {
         "ablation_iterations": _int(0),
         "ablation_ema": _SHARE,
         "ablation_variants": _NAMES,
+        "side_iterations": _int(0),
     },
     "sampling": {
         "n_pairs": _int(1),
@@ -326,7 +346,9 @@ RANGES: dict[str, dict[str, _Rule]] = {
         "iterations": _int(1),
         "n_few": _int(1),
         "n_synthetic": _int(1),
-        "regimes": _subset("real_all", "real_few", "synthetic", "synthetic_plus_few"),
+        "regimes": _subset("real_all", "real_few", "synthetic", "synthetic_plus_few", "reconstructions"),
+        "seeds": _int(1),
+        "seed_regimes": _subset("real_all", "real_few", "synthetic", "synthetic_plus_few", "reconstructions"),
         "amp": _BOOL,
         "ckpt_every": _int(1),
         "log_every": _int(1),
@@ -334,6 +356,8 @@ RANGES: dict[str, dict[str, _Rule]] = {
     "evaluation": {
         "tta_iterations": _int(0),
         "tta_lr": _LR,
+        "curve_steps": _ints(0),
+        "curve_pairs": _int(0),
     },
 }
 
@@ -532,8 +556,14 @@ PROFILES: dict[str, Profile] = {
         data=DataConfig(
             shape=(128, 104, 128), train_dataset="unleashing-registration", train_cases=RELEASE_TRAIN_CASES
         ),
-        vqae=dataclasses.replace(_COLAB_VQAE, batch_size=8, lr=1e-3, iterations=2000, encode_batch=4),
-        diffusion=dataclasses.replace(_COLAB_DENOISER, warmup=200, iterations=2000),
+        # the release's ten pairs, as at ci: codes shared between volumes (batch normalisation) and
+        # augmented training grids for the denoiser, as ci measured (not measured at this size)
+        vqae=dataclasses.replace(
+            _COLAB_VQAE, norm="batch", batch_size=8, lr=1e-3, iterations=2000, encode_batch=4
+        ),
+        diffusion=dataclasses.replace(
+            _COLAB_DENOISER, warmup=200, iterations=2000, ema=0.999, augment_flip=True, augment_shift="all"
+        ),
         sampling=SamplingConfig(n_pairs=32, steps=64, batch_size=16, n_stats=32, steps_sweep=(64, 16, 4)),
         registration=RegistrationConfig(
             scale=1.0, batch_size=4, iterations=300, n_synthetic=32, ckpt_every=100
@@ -548,20 +578,12 @@ PROFILES: dict[str, Profile] = {
             train_cases=RELEASE_TRAIN_CASES,
             test_cases=CI_TEST_CASES,
         ),
-        # two stride-2 stages (no full-resolution stride-1 layer): 4× faster per step on a CPU than
-        # (16, 16, 32, 32)/(1, 2, 1, 2) at about the same test Dice; lr 2e-3 and dead-code restarts
-        # because short runs at 5e-4 leave most codes where they were initialised (chapter 2 compares).
-        # Width and codebook are set by the motion test of chapter 2 (vqae.motion_kept: the share of the
-        # training pairs' fixed-vs-moving contrast that the reconstructions keep). Measured here, 900 steps
-        # each: (32, 64) with 128 codes keeps 14 % (test-pair Dice 0.656); (32, 64)/512 16 % (0.678);
-        # (48, 96)/512 20 % (0.689); (64, 128)/512 23 % (0.692); a deeper (32, 64, 64)/(2, 2, 1) with 512
-        # codes only 3 %. The first release's (16, 32)/128 for 300 steps kept almost none (reconstructed
-        # test pairs overlapped with Dice 0.96, the scans 0.39). One run of (48, 96)/512 took 131 s here (on a
-        # loaded machine), one of (32, 64)/512 97 s; chapter 2 trains one full run and a third of one: the
-        # budget of `make test` has no room for the wider net, so ci keeps (32, 64) with the larger codebook.
+        # two stride-2 stages, 512 codes, dead-code restarts, lr 2e-3; batch normalisation so that a
+        # code means the same in every volume (book/profiles.md: how each was measured)
         vqae=VQAEConfig(
             channels=(32, 64),
             strides=(2, 2),
+            norm="batch",
             codebook_size=512,
             embed_dim=64,
             patch_size=32,
@@ -576,9 +598,8 @@ PROFILES: dict[str, Profile] = {
             ckpt_every=300,
             log_every=10,
         ),
-        # attention over all 16×13×16 = 3328 tokens dominates on a CPU (its cost grows with heads × batch):
-        # a narrow net, short runs, T = S = 16. No dropout variant: CPU attention with dropout takes the
-        # slow (materialised N×N) path, ~10× slower per step.
+        # a narrow denoiser (attention over 3328 tokens dominates on a CPU), T = S = 16; ten pairs are
+        # few, so augmented grids, 800 steps and an EMA (book/profiles.md: the sweep behind them)
         diffusion=DiffusionConfig(
             n_layers=2,
             width=32,
@@ -588,13 +609,14 @@ PROFILES: dict[str, Profile] = {
             warmup=5,
             lr=5e-3,
             batch_size=2,
-            iterations=80,
+            iterations=800,
+            ema=0.99,
+            augment_flip=True,
+            augment_shift="all",
             amp=False,
-            ckpt_every=40,
+            ckpt_every=100,
             log_every=10,
-            ablation_iterations=30,
-            ablation_ema=0.9,
-            ablation_variants=("baseline", "pre-norm"),
+            side_iterations=200,
         ),
         # 64 synthetic pairs for registration (6.4 per real pair; the paper: 256 for 97, 2.6); the NIfTI
         # export (≈0.5 s a pair here) is left to the other profiles
@@ -623,12 +645,14 @@ PROFILES: dict[str, Profile] = {
             iterations=300,
             n_few=1,
             n_synthetic=64,
+            regimes=("real_all", "real_few", "synthetic", "synthetic_plus_few", "reconstructions"),
+            seeds=3,
             amp=False,
             ckpt_every=100,
             log_every=10,
         ),
         # 5 TTA iterations per test pair (paper: 50): 20 test pairs × 4 regimes fit the budget
-        evaluation=EvaluationConfig(tta_iterations=5),
+        evaluation=EvaluationConfig(tta_iterations=5, curve_steps=(0, 5, 10, 25, 50), curve_pairs=3),
     ),
 }
 

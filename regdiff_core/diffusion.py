@@ -16,7 +16,11 @@ What is here:
 - :func:`sample_t`, :func:`q_sample`, :func:`weighted_elbo_loss` — the training objective: t ~ U{1..T}/T,
   mask with probability t, cross-entropy on the masked tokens only, weighted by (1 − t), in bits per token.
 - :func:`train_denoiser` — training through the shared :func:`regdiff_core.training.train_loop`
-  (resume, NaN guard, atomic checkpoints), with linear warm-up and optional EMA of the weights.
+  (resume, NaN guard, atomic checkpoints), with linear warm-up and optional EMA of the weights;
+  :func:`train_tracked` — the same run, scored on held-out grids every few steps (memorisation shows).
+- :func:`training_tokens`, :func:`augment_pairs` — the training grids: chapter 2's tokens plus, where the
+  profile asks for it (not in the paper), the codes of each training pair mirrored left–right and shifted
+  by half a token. Ten pairs are too few for a transformer: it memorises them (chapter 3 measures it).
 - :func:`sample_tokens` — the sampler: all masked; at step i each still-masked token is unmasked with
   probability 1/(S − i), so any number of steps S ≥ 1 unmasks every token; the new token is drawn from
   the temperature-scaled categorical in float64 with a ``torch.Generator``; steps that unmask nothing
@@ -267,6 +271,87 @@ class _Warmup:
         return min(1.0, (epoch + 1) / self.warmup)
 
 
+#: Half-token shifts of :func:`augment_pairs`, as which axes (H, W, D) move, per ``augment_shift``.
+SHIFT_SETS: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "none": ((0, 0, 0),),
+    "diagonal": ((0, 0, 0), (1, 1, 1)),
+    "axes": ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)),
+    "all": tuple((a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)),
+}
+
+
+def shift_volumes(x: torch.Tensor, offset: tuple[int, ...]) -> torch.Tensor:
+    """Shift (N, C, *S) volumes by ``offset`` voxels along the spatial axes, filling with zeros."""
+    out = torch.zeros_like(x)
+    src, dst = [slice(None), slice(None)], [slice(None), slice(None)]
+    for size, o in zip(x.shape[2:], offset):
+        if abs(o) >= size:
+            return out
+        src.append(slice(0, size - o) if o >= 0 else slice(-o, None))
+        dst.append(slice(o, None) if o >= 0 else slice(0, size + o))
+    out[tuple(dst)] = x[tuple(src)]
+    return out
+
+
+def augment_pairs(volumes: torch.Tensor, downsampling: int, *, flip: bool, shift: str) -> torch.Tensor:
+    """The training pairs (N, 2, H, W, D) and their augmented copies, for encoding into extra token grids.
+
+    Every pair appears once per (mirror, shift) combination, the original first: mirrored left–right
+    (axis H, the axis that separates the two lungs) with ``flip``, and shifted by half a token
+    (``downsampling // 2`` voxels) along the axes of each entry of :data:`SHIFT_SETS` ``[shift]``. Both
+    volumes of a pair move together, so the breathing motion between them is kept. Why it helps: a
+    whole-token shift only moves the grid, but a half-token shift puts the token boundaries elsewhere in
+    the anatomy, so the VQ-AE describes the same vessels with other codes, and the denoiser cannot
+    simply memorise the few training grids (chapter 3 measures it on held-out grids).
+    """
+    if shift not in SHIFT_SETS:
+        raise ValueError(f"augment_shift {shift!r}: choose one of {sorted(SHIFT_SETS)}")
+    half = downsampling // 2
+    out = []
+    for mirrored in (False, True) if flip else (False,):
+        x = volumes.flip(2) if mirrored else volumes
+        for axes in SHIFT_SETS[shift]:
+            out.append(shift_volumes(x, tuple(half * a for a in axes)) if any(axes) else x)
+    return torch.cat(out)
+
+
+def training_tokens(profile: Profile, work_dir: str | Path, device: torch.device, *, tokens=None, vqae=None):
+    """The denoiser's training grids: chapter 2's ``tokens.pt`` (or ``tokens``) and, when the profile
+    augments (``diffusion.augment_flip`` / ``augment_shift``), the VQ-AE codes of the augmented training
+    pairs (:func:`augment_pairs`) after them. Returns a :class:`~regdiff_core.vqae.Tokens`; ``cases`` name
+    each grid (``"032"``, ``"032:flip"``, ``"032:shift-101"``, …).
+    """
+    from regdiff_core.vqae import Tokens, encode_volumes, load_tokens, load_vqae
+
+    cfg = profile.diffusion
+    tokens = tokens if tokens is not None else load_tokens(work_dir)
+    if not cfg.augment_flip and cfg.augment_shift == "none":
+        return tokens
+    from regdiff_core.data import load_pairs
+
+    pairs = load_pairs(profile, work_dir, "train")
+    if list(pairs.cases) != list(tokens.cases):
+        raise ValueError(
+            f"{work_dir}/tokens.pt holds cases {tokens.cases}, the prepared training pairs are {pairs.cases}: "
+            "rerun chapter 2 (`python -m regdiff_core encode`) after chapter 1"
+        )
+    vqae = vqae if vqae is not None else load_vqae(profile, work_dir, device)
+    volumes = augment_pairs(pairs.volumes(dtype=torch.uint8), vqae.downsampling, flip=cfg.augment_flip,
+                            shift=cfg.augment_shift)[len(pairs.cases):]  # fmt: skip
+    extra = encode_volumes(vqae, volumes, device, profile.vqae.encode_batch, amp=profile.vqae.amp)
+    names = []
+    for mirrored in (False, True) if cfg.augment_flip else (False,):
+        for axes in SHIFT_SETS[cfg.augment_shift]:
+            tag = ":".join(
+                (["flip"] if mirrored else []) + ([f"shift-{''.join(map(str, axes))}"] if any(axes) else [])
+            )
+            names += [f"{c}:{tag}" if tag else c for c in pairs.cases]
+    names = names[len(pairs.cases) :]
+    return Tokens(
+        torch.cat([tokens.tokens, extra]), list(tokens.cases) + names, tokens.grid, tokens.codebook_size
+    )
+
+
 class DiffusionRun(NamedTuple):
     """What :func:`train_denoiser` returns. ``denoiser`` is in eval mode; ``ema`` the EMA copy or None."""
 
@@ -289,9 +374,11 @@ def _tokens_as_sequences(tokens) -> tuple[torch.Tensor, int, tuple[int, ...]]:
 
 #: Settings that may change between runs without invalidating a checkpoint (more iterations resume it).
 #: A changed ``lr`` is applied on resume (``training.train_loop`` says so), so it does not restart either.
-_RESUMABLE_FIELDS = ("iterations", "ckpt_every", "log_every", "ablation_iterations", "ablation_ema", "lr")
+_RESUMABLE_FIELDS = (
+    "iterations", "ckpt_every", "log_every", "ablation_iterations", "ablation_ema", "lr", "side_iterations",
+)  # fmt: skip
 #: Fields added after checkpoints existed, with the value those checkpoints were trained with.
-_LATER_FIELDS = {"loss_norm": "per-token"}
+_LATER_FIELDS = {"loss_norm": "per-token", "augment_flip": False, "augment_shift": "none"}
 
 
 def _forget_stale_checkpoint(out_dir: Path, x_all: torch.Tensor, cfg: DiffusionConfig) -> None:
@@ -359,9 +446,7 @@ def train_denoiser(
     cfg = cfg or profile.diffusion
     out_dir = Path(out_dir) if out_dir is not None else work_dir / MODEL_FILE.parent
     if tokens is None:
-        from regdiff_core.vqae import load_tokens
-
-        tokens = load_tokens(work_dir)
+        tokens = training_tokens(profile, work_dir, device)
     x_all, codebook_size, grid = _tokens_as_sequences(tokens)
     _forget_stale_checkpoint(out_dir, x_all, cfg)
     x_all = x_all.to(device)
@@ -522,6 +607,87 @@ def evaluate_loss(
             count += len(chunk)
     denoiser.train(was_training)
     return {name: value / count for name, value in totals.items()}
+
+
+class TrackedRun(NamedTuple):
+    """:func:`train_tracked`'s result: the finished ``run`` (its ``seconds`` summed over the stages) and
+    ``curve``, one row per milestone: ``steps``, then held-out ``elbo``/``accuracy`` of the raw weights and,
+    when the run keeps an EMA, ``ema_elbo``/``ema_accuracy``."""
+
+    run: DiffusionRun
+    curve: list[dict[str, float]]
+
+
+def _score(run: DiffusionRun, x_heldout: torch.Tensor, T: int, seed: int, steps: int) -> dict[str, float]:
+    """One row of :func:`train_tracked`'s curve: held-out ELBO and accuracy of the raw and EMA weights."""
+    row: dict[str, float] = {"steps": steps}
+    for prefix, net in (("", run.denoiser), ("ema_", run.ema)):
+        if net is not None:
+            score = evaluate_loss(net, x_heldout, T, generator=torch.Generator().manual_seed(seed))
+            row.update({f"{prefix}elbo": score["elbo"], f"{prefix}accuracy": score["accuracy"]})
+    return row
+
+
+def train_tracked(
+    profile: Profile,
+    work_dir: str | Path,
+    device: torch.device,
+    x_heldout: torch.Tensor,
+    *,
+    tokens=None,
+    every: int | None = None,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+) -> TrackedRun:
+    """:func:`train_denoiser`, stopped every ``every`` steps (default ``iterations // 4``) to score the
+    weights on held-out grids ``x_heldout`` (B, N) with :func:`evaluate_loss` (the same masks each time).
+
+    Each stage resumes the previous one's checkpoint, and checkpoints carry the RNG state, so the run is
+    the one an uninterrupted :func:`train_denoiser` would make; only the held-out curve is added. The
+    curve is kept in ``out_dir/heldout_curve.json`` beside the checkpoint it describes, so a rerun of a
+    finished (or resumed) run shows the points scored before; a checkpoint trained afresh starts a new one.
+    """
+    import hashlib
+    import io
+    import json
+    from contextlib import nullcontext, redirect_stdout
+
+    from regdiff_core.utils import atomic_write_text
+
+    cfg = profile.diffusion
+    out_dir = Path(out_dir) if out_dir is not None else Path(work_dir) / MODEL_FILE.parent
+    every = max(1, cfg.iterations // 4) if every is None else max(1, int(every))
+    milestones = list(range(every, cfg.iterations, every)) + [cfg.iterations]
+    # which run and which held-out grids the stored points belong to
+    key = hashlib.sha256(x_heldout.cpu().numpy().tobytes() + f"{seed}".encode())
+    curve_path = out_dir / "heldout_curve.json"
+    stored: dict[int, dict[str, float]] = {}
+    seconds, run = 0.0, None
+    for k, steps in enumerate(milestones):
+        # later stages resume the checkpoint this call just wrote: their "resuming …" notes say nothing new
+        with redirect_stdout(io.StringIO()) if k else nullcontext():
+            run = train_denoiser(
+                profile, work_dir, device, tokens=tokens, cfg=dataclasses.replace(cfg, iterations=steps),
+                out_dir=out_dir, progress=False,
+            )  # fmt: skip
+        if k == 0:  # the fingerprint of the checkpoint is settled now: read the points that belong to it
+            key.update((out_dir / "fingerprint.json").read_bytes())
+            if curve_path.exists():
+                try:
+                    saved = json.loads(curve_path.read_text())
+                    if saved.get("key") == key.hexdigest():
+                        stored = {int(r["steps"]): r for r in saved.get("rows", [])}
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    stored = {}  # a damaged curve file only costs the points: they are scored again
+        seconds += run.seconds
+        if steps not in stored and len(run.history) == steps:
+            stored[steps] = _score(run, x_heldout, cfg.T, seed, steps)
+            rows = [stored[s] for s in sorted(stored)]
+            atomic_write_text(curve_path, json.dumps({"key": key.hexdigest(), "rows": rows}) + "\n")
+    if len(run.history) not in stored:  # resumed a longer, finished run: score its end
+        stored[len(run.history)] = _score(run, x_heldout, cfg.T, seed, len(run.history))
+    curve = [stored[s] for s in sorted(stored) if s <= len(run.history)]
+    return TrackedRun(run._replace(seconds=seconds), curve)
 
 
 def compare_variants(

@@ -487,7 +487,28 @@ REGIMES: dict[str, str] = {
     "real_few": "the first n_few real training pairs (the release's 10 at paper scale)",
     "synthetic": "n_synthetic synthetic pairs from chapter 4",
     "synthetic_plus_few": "the synthetic pairs plus the few real pairs",
+    "reconstructions": "the VQ-AE reconstructions of all real training pairs (an upper bound, not in the paper)",
 }
+
+
+def run_name(regime: str, run: int = 0) -> str:
+    """The folder name of a regime's training run: ``run`` 0 is ``<regime>``, run k > 0 ``<regime>-run<k>``.
+
+    Chapter 5 trains several runs (seeds) of the regimes the paper's claim rests on
+    (``registration.seeds`` runs of each regime in ``registration.seed_regimes``), so that chapter 6 can
+    tell a difference between regimes from the spread between seeds.
+    """
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; choose one of {sorted(REGIMES)}")
+    if run < 0:
+        raise ValueError(f"run must be >= 0, got {run}")
+    return regime if run == 0 else f"{regime}-run{run}"
+
+
+def regime_runs(profile: Profile) -> dict[str, int]:
+    """How many training runs (seeds) chapter 5 trains per regime of ``registration.regimes``."""
+    cfg = profile.registration
+    return {r: cfg.seeds if r in cfg.seed_regimes else 1 for r in cfg.regimes}
 
 
 #: Upper bound on the synthetic pairs :class:`RegimeData` keeps decoded in memory (bytes, fp16 as stored).
@@ -598,6 +619,18 @@ def regime_data(profile: Profile, work_dir: str | Path, regime: str) -> RegimeDa
     cases: list[str] = []
     files: list[Path] = []
     n_real = 0
+    if regime == "reconstructions":
+        from regdiff_core.sampling import reconstruction_files
+
+        files = reconstruction_files(Path(work_dir))
+        if not files:
+            raise FileNotFoundError(
+                f"no VQ-AE reconstructions in {Path(work_dir) / 'reconstructions'}: run chapter 4 "
+                f"(python -m regdiff_core sample --profile {profile.name}) first"
+            )
+        cases = [f"reconstruction:{p.stem.removeprefix('recon_')}" for p in files]
+        empty = torch.zeros(0, dtype=torch.uint8)
+        return RegimeData(regime, cases, empty, empty, 0, len(files), synthetic_files=files)
     if regime != "synthetic":
         from regdiff_core.data import load_pairs
 
@@ -662,14 +695,18 @@ def train_regime(
     *,
     progress: bool = True,
     data: RegimeData | None = None,
+    run: int = 0,
 ) -> TrainedRegistration:
-    """Train both steps on ``regime``'s pairs (greedy, as the seed) and save ``registration/<regime>/model.pt``.
+    """Train both steps on ``regime``'s pairs (greedy, as the seed) and save ``registration/<name>/model.pt``
+    with ``<name>`` = :func:`run_name` (``regime`` for run 0).
 
-    Resumes from ``registration/<regime>/checkpoint.pt`` if present (a finished run returns at once).
-    ``data`` may be given directly (tests); otherwise it is loaded from ``work_dir``.
+    Resumes from ``registration/<name>/checkpoint.pt`` if present (a finished run returns at once).
+    ``data`` may be given directly (tests); otherwise it is loaded from ``work_dir``. The run's randomness
+    (initial weights, batches) comes from the global RNG: seed it before the call (chapter 5 and the CLI
+    use seed + run).
     """
     cfg = profile.registration
-    out_dir = Path(work_dir) / "registration" / regime
+    out_dir = Path(work_dir) / "registration" / run_name(regime, run)
     data = data if data is not None else regime_data(profile, work_dir, regime)
     grid = registration_grid(data.shape, cfg.scale)
     model = build_registration(cfg, spatial_dims=len(data.shape)).to(device)
@@ -697,29 +734,32 @@ def train_regime(
         ckpt_every=cfg.ckpt_every,
         log_every=cfg.log_every,
         history_csv=out_dir / "history.csv",
-        desc=f"registration {regime}",
+        desc=f"registration {run_name(regime, run)}",
         progress=progress,
         stage="registration",
         settings=dataclasses.asdict(cfg),
     )
     seconds = result.seconds
-    path = _save_model(model, out_dir / "model.pt", regime=regime, grid=grid, n_pairs=n, cases=data.cases)
+    path = _save_model(
+        model, out_dir / "model.pt", regime=regime, run=run, grid=grid, n_pairs=n, cases=data.cases
+    )
     model.n_train_pairs = n
     model.eval()
     return TrainedRegistration(model, result.history, seconds, n, path)
 
 
 def load_registration(
-    profile: Profile, work_dir: str | Path, regime_or_path: str | Path, device: torch.device
+    profile: Profile, work_dir: str | Path, regime_or_path: str | Path, device: torch.device, *, run: int = 0
 ) -> TwoStepRegistration:
-    """A trained model: a regime name (→ ``work_dir/registration/<regime>/model.pt``) or a file path.
+    """A trained model: a regime name (→ ``work_dir/registration/<regime>/model.pt``, or the folder of
+    :func:`run_name` for ``run`` > 0) or a file path.
 
     Accepts this package's ``model.pt`` and the paper's released ``regnets_state_*.pth`` (a list of two
     UNet state dicts, fp16 or fp32, possibly ``torch.compile``-prefixed; built with the paper's config).
     """
     path = Path(regime_or_path)
     if str(regime_or_path) in REGIMES:
-        path = Path(work_dir) / "registration" / str(regime_or_path) / "model.pt"
+        path = Path(work_dir) / "registration" / run_name(str(regime_or_path), run) / "model.pt"
         if not path.exists():
             raise FileNotFoundError(
                 f"{path} does not exist: train it with chapter 5 "
@@ -927,6 +967,11 @@ def register_cli(subparsers, common) -> None:
     p.add_argument(
         "--regime", default=None, choices=sorted(REGIMES), help="which training pairs (default: every regime)"
     )
+    p.add_argument(
+        "--runs", type=int, default=None,
+        help="training runs (seeds --seed, --seed + 1, …) per regime (default: registration.seeds for the "
+        "regimes in registration.seed_regimes, else 1); run k > 0 writes registration/<regime>-run<k>/",
+    )  # fmt: skip
     p.set_defaults(func=_cli_train)
 
 
@@ -934,11 +979,16 @@ def _cli_train(args, profile: Profile) -> int:
     from regdiff_core.utils import resolve_device, seed_everything
 
     device = resolve_device(args.device)
+    if args.runs is not None and args.runs < 1:
+        raise SystemExit(f"train-registration: --runs must be >= 1, got {args.runs}")
+    runs = regime_runs(profile)
     for regime in [args.regime] if args.regime else profile.registration.regimes:
-        seed_everything(args.seed)
-        result = train_regime(profile, regime, Path(args.work_dir), device)
-        last = result.history[-1]["loss"] if result.history else float("nan")
-        print(
-            f"{regime}: {result.n_pairs} pairs, final loss {last:.4f}, {result.seconds:.1f} s → {result.path}"
-        )
+        for run in range(args.runs if args.runs is not None else runs.get(regime, 1)):
+            seed_everything(args.seed + run)
+            result = train_regime(profile, regime, Path(args.work_dir), device, run=run)
+            last = result.history[-1]["loss"] if result.history else float("nan")
+            print(
+                f"{run_name(regime, run)}: {result.n_pairs} pairs, final loss {last:.4f}, "
+                f"{result.seconds:.1f} s → {result.path}"
+            )
     return 0

@@ -52,6 +52,10 @@ if TYPE_CHECKING:
 #: Where :func:`sample_to_disk` writes by default and :func:`load_synthetic` reads, under ``work_dir``.
 SYNTHETIC_DIR = "synthetic"
 PREFIX = "synth_"
+#: The VQ-AE reconstructions of the real training pairs (the ``reconstructions`` regime of chapter 5),
+#: written by :func:`write_reconstructions` in the synthetic pairs' format, one ``recon_<case>.npz`` each.
+RECONSTRUCTIONS_DIR = "reconstructions"
+RECON_PREFIX = "recon_"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,6 +294,48 @@ def _sample_into(
         network_calls=int(totals["calls"]),
     )  # fmt: skip
     return report
+
+
+def write_reconstructions(
+    profile: Profile, work_dir: str | Path, device: torch.device, *, vqae=None
+) -> list[Path]:
+    """Decode the training pairs' token grids (``work_dir/tokens.pt``) with the VQ-AE and write each as
+    ``work_dir/reconstructions/recon_<case>.npz`` (fp16 P(vessel), as :func:`export_pair` writes synthetic
+    pairs). They train the ``reconstructions`` regime of chapter 5: what a *perfect* generative model of
+    the training tokens could give with this VQ-AE, so that chapter 6 can tell what the VQ-AE loses from
+    what the denoiser fails to learn. Like :func:`sample_to_disk`, the set is replaced only once complete.
+    """
+    from regdiff_core.vqae import load_tokens, load_vqae
+
+    work_dir = Path(work_dir)
+    tokens = load_tokens(work_dir)
+    vqae = vqae if vqae is not None else load_vqae(profile, work_dir, device)
+    out_dir = work_dir / RECONSTRUCTIONS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / f".staging.tmp-{os.getpid()}"
+    try:
+        batch = profile.vqae.encode_batch
+        for start in range(0, len(tokens.cases), batch):
+            grids = tokens.tokens[start : start + batch]
+            probs = decode_probabilities(vqae, grids, batch_size=batch, amp=profile.vqae.amp)
+            for j, case in enumerate(tokens.cases[start : start + batch]):
+                export_pair(
+                    staging, f"{RECON_PREFIX}{case}", probs[j, 0], probs[j, 1], tokens=grids[j], nifti=False
+                )
+        names = {f.name for f in staging.iterdir()}
+        for f in sorted(staging.iterdir()):
+            os.replace(f, out_dir / f.name)
+        for old in out_dir.glob(f"{RECON_PREFIX}*.npz"):
+            if old.name not in names:
+                old.unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return reconstruction_files(work_dir)
+
+
+def reconstruction_files(work_dir: str | Path) -> list[Path]:
+    """The ``recon_*.npz`` files of ``work_dir/reconstructions``, sorted by name (= by case)."""
+    return sorted((Path(work_dir) / RECONSTRUCTIONS_DIR).glob(f"{RECON_PREFIX}*.npz"))
 
 
 def synthetic_files(work_dir: str | Path, folder: str | Path | None = None) -> list[Path]:
@@ -726,6 +772,9 @@ def _cli_sample(args, profile: Profile) -> int:
         f"[sample] {report.n} pairs → {report.out_dir} ({report.seconds_per_pair:.2f} s per pair sampling + "
         f"decoding, {report.network_calls} denoiser calls, export {report.seconds_export:.1f} s)"
     )
+    if args.out is None:  # the reference set of the `reconstructions` regime, beside the synthetic pairs
+        recon = write_reconstructions(profile, Path(args.work_dir), device)
+        print(f"[sample] {len(recon)} VQ-AE reconstructions of the training pairs → {recon[0].parent}")
     return 0
 
 
@@ -758,6 +807,8 @@ __all__ = [
     "generate_pairs",
     "load_synthetic",
     "read_synthetic_pair",
+    "reconstruction_files",
+    "write_reconstructions",
     "load_synthetic_tokens",
     "nearest_pair_dice",
     "neighbour_agreement",

@@ -57,7 +57,12 @@ from regdiff_core.config import Profile, VQAEConfig
 from regdiff_core.training import CheckpointError, load_weights, read_checkpoint
 
 #: Architecture fields: a saved model must match the profile in these to be loadable.
-_ARCH_FIELDS = ("spatial_dims", "channels", "strides", "codebook_size", "embed_dim")
+_ARCH_FIELDS = ("spatial_dims", "channels", "strides", "codebook_size", "embed_dim", "norm")
+#: ``VQAEConfig.norm`` → MONAI's ``norm`` argument. "instance" is MONAI's default and the paper's; its
+#: statistics are taken over each whole volume, so the code of a cell also depends on the rest of the
+#: volume (chapter 2 measures how case-specific that makes the codes). "batch" learns fixed statistics,
+#: so equal neighbourhoods get equal codes in every volume.
+NORMS: dict[str, str | None] = {"instance": "INSTANCE", "batch": "BATCH", "none": None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,6 +242,7 @@ class PairedVQAE(nn.Module):
             out_channels=4,
             channels=cfg.channels,
             strides=cfg.strides,
+            norm=NORMS[cfg.norm],
         )
         self.quantiser = VectorQuantizer(cfg.codebook_size, cfg.embed_dim, cfg.beta, cfg.legacy_beta)
 

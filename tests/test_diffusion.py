@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from regdiff_core import diffusion as D
 from regdiff_core.config import DiffusionConfig, get_profile
 from regdiff_core.diffusion import (
     PAPER_TOKENS_DIR,
@@ -295,3 +296,59 @@ def test_cli_trains_on_the_paper_tokens_apart_from_chapter_3s_denoiser(
     assert (denoiser.mask_id, denoiser.n_tokens) == (1024, 3328)
     with pytest.raises(SystemExit, match="needs --tokens paper-release"):
         main(["train-diffusion", "--heldout", "3", "--work-dir", str(tmp_path)])
+
+
+def test_shift_volumes_moves_content_and_fills_with_zeros():
+    x = torch.arange(1, 2 * 3 * 4 + 1, dtype=torch.float32).view(1, 1, 2, 3, 4)
+    y = D.shift_volumes(x, (0, 1, 2))
+    # voxel (i, j, k) of y is voxel (i, j - 1, k - 2) of x where that exists, else 0
+    for i in range(2):
+        for j in range(3):
+            for k in range(4):
+                expected = x[0, 0, i, j - 1, k - 2] if j >= 1 and k >= 2 else 0.0
+                assert float(y[0, 0, i, j, k]) == float(expected)
+    assert torch.equal(D.shift_volumes(x, (0, -1, 0))[0, 0, :, :2], x[0, 0, :, 1:])
+    assert torch.equal(D.shift_volumes(x, (5, 0, 0)), torch.zeros_like(x))
+
+
+def test_augment_pairs_keeps_the_originals_first_and_moves_both_volumes_together():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(3, 2, 8, 6, 8, generator=g) > 0.5).float()
+    out = D.augment_pairs(x, downsampling=4, flip=True, shift="axes")
+    assert out.shape == (3 * 2 * 4, 2, 8, 6, 8)
+    assert torch.equal(out[:3], x)  # the originals, unchanged, in order
+    assert torch.equal(out[3:6], D.shift_volumes(x, (2, 0, 0)))  # half a token (4 // 2) along H
+    assert torch.equal(out[12:15], x.flip(2))  # mirrored along H, the left-right axis
+    assert torch.equal(out[21:24], D.shift_volumes(x.flip(2), (0, 0, 2)))
+    assert len(D.augment_pairs(x, 4, flip=False, shift="all")) == 3 * 8
+    assert torch.equal(D.augment_pairs(x, 4, flip=False, shift="none"), x)
+    with pytest.raises(ValueError, match="augment_shift"):
+        D.augment_pairs(x, 4, flip=False, shift="sideways")
+
+
+def test_train_tracked_is_the_plain_run_plus_a_held_out_curve(tmp_path, capsys):
+    """Stopping every 10 steps to score held-out grids leaves the run as an uninterrupted one makes it
+    (same history, same weights, EMA included); the curve has one row per stop, and a rerun of the
+    finished run shows the same rows, read back, without training or rescoring."""
+    grid = (4, 3, 4)
+    pattern = torch.arange(48).remainder(6).view(1, *grid)
+    tokens = Tokens(pattern.repeat(6, 1, 1, 1), [f"{i:03d}" for i in range(6)], grid, 6)
+    cfg = dataclasses.replace(TINY, ema=0.9)
+    profile = dataclasses.replace(get_profile("ci"), diffusion=cfg)
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    plain = train_denoiser(profile, tmp_path / "plain", cpu, tokens=tokens, progress=False)
+    held = pattern.view(1, -1).roll(1, -1)
+    torch.manual_seed(0)
+    tracked = D.train_tracked(profile, tmp_path / "tracked", cpu, held, tokens=tokens, every=10)
+    assert [r["step"] for r in tracked.run.history] == list(range(1, 41))
+    assert [r["loss"] for r in tracked.run.history] == [r["loss"] for r in plain.history]
+    for a, b in zip(tracked.run.ema.state_dict().values(), plain.ema.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [r["steps"] for r in tracked.curve] == [10, 20, 30, 40]
+    assert set(tracked.curve[0]) == {"steps", "elbo", "accuracy", "ema_elbo", "ema_accuracy"}
+    end = D.evaluate_loss(plain.ema, held, cfg.T, generator=torch.Generator().manual_seed(0))
+    assert tracked.curve[-1]["ema_elbo"] == pytest.approx(end["elbo"])
+    assert "resuming" not in capsys.readouterr().out  # the stages' own resumes stay quiet
+    again = D.train_tracked(profile, tmp_path / "tracked", cpu, held, tokens=tokens, every=10)
+    assert again.curve == tracked.curve and again.run.history == tracked.run.history

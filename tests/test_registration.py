@@ -366,3 +366,63 @@ def test_regime_data_streams_synthetic_pairs_through_a_bounded_cache(tmp_path):
     with pytest.raises(ValueError, match="differ in shape"):
         R.RegimeData("synthetic_plus_few", ["r0"] + [f.stem for f in files], real[:1, :4], real[:1, :4],
                      1, 5, synthetic_files=files)  # fmt: skip
+
+
+def test_runs_of_a_regime_train_into_their_own_folders_and_load_back(tmp_path):
+    """Run 0 keeps the regime's folder; run k > 0 writes registration/<regime>-run<k>; each loads back by
+    (regime, run), and two seeds give two different networks."""
+    g = torch.Generator().manual_seed(0)
+    fixed = (torch.rand(2, 16, 12, 16, generator=g) > 0.6).float()
+    data = R.RegimeData("real_few", ["a", "b"], fixed, torch.roll(fixed, 1, dims=1), 2, 0)
+    profile = get_profile(
+        "ci",
+        {"registration.channels": "4,8,8,8,8,8", "registration.scale": "1.0", "registration.iterations": "2"},
+    )
+    nets = []
+    for run in (0, 1):
+        torch.manual_seed(run)
+        nets.append(
+            R.train_regime(
+                profile, "real_few", tmp_path, torch.device("cpu"), progress=False, data=data, run=run
+            )
+        )
+    assert (tmp_path / "registration/real_few/model.pt").exists()
+    assert (tmp_path / "registration/real_few-run1/model.pt").exists()
+    loaded = R.load_registration(profile, tmp_path, "real_few", torch.device("cpu"), run=1)
+    for a, b in zip(loaded.state_dict().values(), nets[1].model.state_dict().values()):
+        assert torch.equal(a, b)
+    w0, w1 = (n.model.nets[0].state_dict()["model.0.conv.weight"] for n in nets)
+    assert not torch.equal(w0, w1)
+    assert R.run_name("synthetic", 0) == "synthetic" and R.run_name("synthetic", 2) == "synthetic-run2"
+    with pytest.raises(ValueError, match="unknown regime"):
+        R.run_name("nope")
+
+
+def test_regime_runs_follow_the_profile():
+    profile = get_profile(
+        "ci", {"registration.seeds": "3", "registration.seed_regimes": "real_few,synthetic"}
+    )
+    runs = R.regime_runs(profile)
+    assert runs["real_few"] == 3 and runs["synthetic"] == 3 and runs["real_all"] == 1
+    assert set(runs) == set(profile.registration.regimes)
+
+
+def test_reconstructions_regime_reads_the_decoded_training_pairs(tmp_path):
+    """The `reconstructions` regime serves recon_<case>.npz as the synthetic regime serves its pairs, and
+    says what to run when they are missing."""
+    from regdiff_core.sampling import RECONSTRUCTIONS_DIR, export_pair
+
+    profile = get_profile("ci")
+    with pytest.raises(FileNotFoundError, match="regdiff_core sample"):
+        R.regime_data(profile, tmp_path, "reconstructions")
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(3, 2, 8, 6, 8, generator=g)
+    for case, p in zip(("032", "033", "034"), probs):
+        export_pair(tmp_path / RECONSTRUCTIONS_DIR, f"recon_{case}", p[0], p[1], nifti=False)
+    data = R.regime_data(profile, tmp_path, "reconstructions")
+    assert (data.n_real, data.n_synthetic, len(data)) == (0, 3, 3)
+    assert data.cases == ["reconstruction:032", "reconstruction:033", "reconstruction:034"]
+    fixed, moving = data.batch([1])
+    assert torch.equal(fixed[0], probs[1, 0].half().float()) and torch.equal(
+        moving[0], probs[1, 1].half().float()
+    )
