@@ -165,7 +165,9 @@ class RegistrationConfig:
     iterations: int = 1248  # the seed's 2500 // batch · 4; each iteration updates both steps
     n_few: int = 10  # the "few real pairs" regime (the release's 10 training pairs at paper scale)
     n_synthetic: int = 256  # synthetic pairs used by the synthetic regimes
-    regimes: tuple[str, ...] = ("real_all", "real_few", "synthetic", "synthetic_plus_few")
+    #: the paper's three, synthetic + few real, and the VQ-AE reconstructions of the real pairs (the ceiling
+    #: of what a perfect generative model could give with this VQ-AE)
+    regimes: tuple[str, ...] = ("real_all", "real_few", "synthetic", "synthetic_plus_few", "reconstructions")
     #: training runs (seeds seed, seed + 1, …) of each regime in ``seed_regimes``; the others train once
     seeds: int = 1
     seed_regimes: tuple[str, ...] = ("real_all", "real_few", "synthetic")
@@ -568,7 +570,7 @@ PROFILES: dict[str, Profile] = {
         registration=RegistrationConfig(
             scale=1.0, batch_size=4, iterations=300, n_synthetic=32, ckpt_every=100
         ),
-        evaluation=EvaluationConfig(tta_iterations=20),
+        evaluation=EvaluationConfig(tta_iterations=20, curve_pairs=5),
     ),
     "ci": Profile(
         name="ci",
@@ -645,7 +647,6 @@ PROFILES: dict[str, Profile] = {
             iterations=300,
             n_few=1,
             n_synthetic=64,
-            regimes=("real_all", "real_few", "synthetic", "synthetic_plus_few", "reconstructions"),
             seeds=3,
             amp=False,
             ckpt_every=100,
