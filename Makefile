@@ -179,7 +179,7 @@ offline-check: install
 # first checkpoint and resumed, compared bit for bit with an uninterrupted 2-process run (a prepared
 # ci work folder: WORK_DIR). Minutes on 2 cores.
 torchrun-check: install
-	$(PY) -m regdiff_core.distributed_check --work-dir $(WORK_DIR) --out _build/torchrun-check
+	$(PY) -m regdiff_core.torchrun_check --work-dir $(WORK_DIR) --out _build/torchrun-check
 
 clean:
 	rm -rf _build book/chapters

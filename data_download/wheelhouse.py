@@ -98,7 +98,6 @@ def resolve(
     stay out, while a package that something else needs too stays in.
     """
     from packaging.markers import default_environment
-    from packaging.requirements import Requirement
 
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
@@ -112,27 +111,35 @@ def resolve(
     env = default_environment()
     if python_version:
         env.update(python_version=python_version, python_full_version=f"{python_version}.0")
-    found = {_norm(i["metadata"]["name"]): i["metadata"] for i in data["install"]}
+    return walk({i["metadata"]["name"]: i["metadata"] for i in data["install"]}, requirements, leave_out, env)
 
-    def deps(req: Requirement) -> list[str]:
-        meta = found.get(_norm(req.name))
-        out = []
-        for text in (meta or {}).get("requires_dist", []):
-            dep = Requirement(text)
-            extras = req.extras or {""}
-            if dep.marker is None or any(dep.marker.evaluate({**env, "extra": e}) for e in extras):
-                out.append(text)
-        return out
 
+def walk(
+    found: dict[str, dict],
+    requirements: Sequence[str],
+    leave_out: set[str],
+    env: dict[str, str] | None = None,
+) -> list[tuple[str, str]]:
+    """The packages reached from ``requirements`` through ``found`` (name → metadata with ``version`` and
+    ``requires_dist``, as in pip's report) without entering ``leave_out``; markers evaluated in ``env``."""
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+
+    env = dict(env or default_environment())
+    found = {_norm(name): {**meta, "name": name} for name, meta in found.items()}
     keep: dict[str, str] = {}
     todo = [Requirement(r) for r in requirements]
     while todo:
         req = todo.pop()
         name = _norm(req.name)
-        if name in leave_out or name not in found or (name in keep and not req.extras):
+        if name in leave_out or name not in found or name in keep:
             continue
         keep[name] = found[name]["version"]
-        todo += [Requirement(d) for d in deps(req)]
+        for text in found[name].get("requires_dist") or []:
+            dep = Requirement(text)
+            extras = req.extras or {""}
+            if dep.marker is None or any(dep.marker.evaluate({**env, "extra": e}) for e in extras):
+                todo.append(dep)
     return sorted((found[n]["name"], v) for n, v in keep.items())
 
 

@@ -122,7 +122,7 @@ def init_from_env(device: str = "auto", stage: str | None = None) -> str:
     if not dist.is_initialized():
         dist.init_process_group(backend)
     if not is_main():
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 — one line per run, not N
+        sys.stdout = open(os.devnull, "w")  # the run's report once, from rank 0, not N times
     return str(out)
 
 
