@@ -127,9 +127,9 @@ def init_from_env(device: str = "auto", stage: str | None = None) -> str:
 
 
 def shutdown() -> None:
-    """Leave the process group (the end of a ``torchrun`` stage)."""
+    """Leave the process group (the end of a ``torchrun`` stage). No barrier: rank 0 may still be writing
+    its report (``train-vqae`` reconstructs the test pairs alone) long after the others are done."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 

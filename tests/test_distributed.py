@@ -62,12 +62,13 @@ def _volumes(n=4, shape=(16, 16, 16), seed=0) -> torch.Tensor:
 
 
 def _rows(full: torch.Tensor) -> torch.Tensor:
-    """The rows of a batch that this process takes: all of them in one process, its half on 2 ranks."""
+    """The rows of a batch that this process takes: all of them in one process, its share on 2 ranks."""
     ctx = distributed.context()
     if not ctx.active:
         return full
-    half = len(full) // ctx.world_size
-    return full[ctx.rank * half : (ctx.rank + 1) * half]
+    shares = distributed.batch_shares(len(full), ctx.world_size)
+    start = sum(shares[: ctx.rank])
+    return full[start : start + shares[ctx.rank]]
 
 
 def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -78,15 +79,16 @@ def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-def vqae_step(out_dir: Path) -> dict:
-    """One VQ-AE step on the fixed batch ``_volumes()`` (affine noise 0: the identity)."""
-    x = _volumes().float()
+def vqae_step(out_dir: Path, batch_size: int = B) -> dict:
+    """One VQ-AE step on the fixed batch ``_volumes()[:batch_size]`` (affine noise 0: the identity)."""
+    x = _volumes().float()[:batch_size]
+    cfg = dataclasses.replace(VQ, batch_size=batch_size)
     original = vqae.sample_patches
     vqae.sample_patches = lambda volumes, batch, patch: _rows(x)[:batch]
     try:
         torch.manual_seed(0)
         res = vqae.train_vqae(
-            vqae.build_vqae(VQ), x, VQ, torch.device("cpu"), out_dir=out_dir, progress=False
+            vqae.build_vqae(cfg), x, cfg, torch.device("cpu"), out_dir=out_dir, progress=False
         )
     finally:
         vqae.sample_patches = original
@@ -242,6 +244,7 @@ def _worker(rank: int, root: str) -> None:
     try:
         out = {
             "vqae": vqae_step(root_path / "vqae"),
+            "vqae_uneven": vqae_step(root_path / "vqae_uneven", batch_size=3),  # ranks take 2 and 1
             "diffusion": diffusion_step(root_path / "diffusion"),
             "registration": registration_step(root_path / "registration"),
             "restarts_full": vqae_restarts(root_path / "restarts_full"),
@@ -322,6 +325,15 @@ def test_one_ddp_step_on_two_half_batches_is_one_step_on_the_whole_batch(
     saved = read_checkpoint(two_ranks.root / ckpt)  # the project's loader (it holds NumPy RNG states)
     assert len(saved["rng_ranks"]) == 2
     assert not torch.equal(saved["rng_ranks"][0]["torch"], saved["rng_ranks"][1]["torch"])
+
+
+def test_a_batch_that_does_not_divide_is_still_the_whole_batchs_step(two_ranks, tmp_path, one_thread):
+    # 3 samples over 2 ranks take 2 and 1: their gradients are weighted 2/3 and 1/3, not ½ and ½ (and the
+    # class-weighted CE's denominator is the whole batch's), so the step is the 3-sample batch's
+    single = vqae_step(tmp_path, batch_size=3)
+    rank0, rank1 = (r["vqae_uneven"] for r in two_ranks.ranks)
+    assert _worst(rank0["grads"], rank1["grads"]) == 0.0
+    assert _worst(rank0["grads"], single["grads"]) <= GRAD_ATOL
 
 
 def test_half_batches_differ_so_the_equivalence_is_not_trivial(two_ranks, tmp_path, one_thread):
