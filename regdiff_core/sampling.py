@@ -756,7 +756,14 @@ def register_cli(subparsers, common) -> None:
     p = subparsers.add_parser(
         "sample", parents=[common], help="chapter 4: sample synthetic pairs and export npz + nii.gz"
     )
-    p.add_argument("--n", type=int, default=None, help="number of pairs (default: sampling.n_pairs)")
+    p.add_argument(  # --n-pairs too: under torchrun, --n is taken for an abbreviation of its --nnodes
+        "--n",
+        "--n-pairs",
+        dest="n",
+        type=int,
+        default=None,
+        help="number of pairs (default: sampling.n_pairs)",
+    )
     p.add_argument("--out", type=str, default=None, help="output folder (default: <work-dir>/synthetic)")
     p.add_argument("--no-nifti", action="store_true", help="write only the npz files")
     p.add_argument("--no-progress", action="store_true")
