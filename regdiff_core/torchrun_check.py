@@ -67,10 +67,10 @@ def _copy_work(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _run(cmd: list[str], log: Path) -> float:
+def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> float:
     t0 = time.perf_counter()
     with log.open("w") as fh:
-        subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=True)
+        subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=True, env=env)
     return time.perf_counter() - t0
 
 
@@ -111,14 +111,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, ckpt_rel, model_rel = STAGES[args.stage]
     args.out.mkdir(parents=True, exist_ok=True)
     seconds = {}
-    for nproc in (1, args.nproc):
-        work = _copy_work(args.work_dir, args.out / f"{nproc}-rank")
-        seconds[f"{nproc}-rank"] = round(
-            _run(_command(args.stage, work, nproc, extra), args.out / f"{nproc}-rank.log"), 1
+    # torchrun gives each rank one thread (OMP_NUM_THREADS=1) unless told otherwise; the one process is
+    # timed both with its default threads and with one thread, as each rank has
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = (("1-rank", 1, None), ("1-rank-1-thread", 1, one_thread), (f"{args.nproc}-rank", args.nproc, None))
+    for name, nproc, env in runs:
+        work = _copy_work(args.work_dir, args.out / name)
+        seconds[name] = round(
+            _run(_command(args.stage, work, nproc, extra), args.out / f"{name}.log", env), 1
         )
-        print(
-            f"[torchrun-check] {args.stage} on {nproc} process(es): {seconds[f'{nproc}-rank']} s", flush=True
-        )
+        print(f"[torchrun-check] {args.stage}, {name}: {seconds[name]} s", flush=True)
     killed = _copy_work(args.work_dir, args.out / "killed")
     cmd = _command(args.stage, killed, args.nproc, extra)
     step = _run_and_kill(cmd, args.out / "killed.log", killed / ckpt_rel, args.kill_after)
