@@ -8,7 +8,12 @@
 #   make smoke PROFILE=paper   every CLI stage once at the profile's full shapes, minimal work; seconds
 #                    and peak memory per stage → _build/smoke-<profile>/smoke.json (minutes on a CPU)
 #
-# Variables: PROFILE (ci|gpu|colab|paper), DATA_DIR, WORK_DIR, DEVICE, TORCH_PIN.
+# A GPU node without internet (book/running.md):
+#   make wheelhouse [LEAN=1]   on a machine with internet: every wheel beyond PyTorch → $(WHEELHOUSE)
+#   make install-offline       on the node: install from $(WHEELHOUSE) with no index, keeping its PyTorch
+#   make gpu-book MIRROR_DIR=/path/to/data   the data from a local folder (the test pairs it holds)
+#
+# Variables: PROFILE (ci|gpu|colab|paper), DATA_DIR, WORK_DIR, DEVICE, TORCH_PIN, WHEELHOUSE, MIRROR_DIR.
 
 PYTHON    ?= python3
 VENV      ?= .venv
@@ -21,9 +26,10 @@ WORK_DIR  ?= _build/work
 TORCH_PIN ?= torch==2.13.0
 # A local mirror of the paper's data release (CI and machines without internet use it when present).
 SHARED    ?= ../shared
-MIRROR    := $(SHARED)/data/unleashing-registration
+MIRROR_DIR ?= $(SHARED)/data
+MIRROR    := $(MIRROR_DIR)/unleashing-registration
 # ... and of Lung250M-4B's repository (landmarks in the original frame, VoxelMorph++ predictions; chapter 6)
-MIRROR_REPO := $(SHARED)/data/lung250m-4b-repo
+MIRROR_REPO := $(MIRROR_DIR)/lung250m-4b-repo
 ifneq ($(wildcard $(MIRROR_REPO)/evaluation/lms_validation.pth),)
 ifeq ($(REGDIFF_LUNG250M_REPO_URL),)
 SERVE_REPO := REGDIFF_LUNG250M_REPO_URL=$(MIRROR_REPO)
@@ -38,7 +44,8 @@ else
 WITH_DATA :=
 endif
 
-.PHONY: install lint unit notebooks pages book-assets html book browser-deps browser-test test release-check gpu-check gpu-book smoke clean
+.PHONY: install lint unit notebooks pages book-assets html book browser-deps browser-test test release-check gpu-check gpu-book smoke clean \
+	wheelhouse install-offline offline-check torchrun-check
 
 # root installs system packages directly; anyone else through sudo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -108,9 +115,22 @@ gpu-check: install
 
 # The gpu profile on one GPU: executed notebooks, work files and metrics in their own folder, so the ci
 # book and its metrics are left alone. Expected cost: see book/profiles.md (an estimate, not measured).
+# With the data from a local folder (MIRROR_DIR) that lacks some of the 27 test pairs, the book runs on
+# the test pairs it holds: $REGDIFF_SET names them, and every notebook prints that line.
 GPU_BOOK ?= _build/gpu-book
+ALL_TEST_PAIRS := 27
+comma := ,
+empty :=
+space := $(empty) $(empty)
+LOCAL_TEST_CASES := $(sort $(patsubst case_%_1.nii.gz,%,$(notdir $(wildcard $(MIRROR)/dilated_vessels_ts/case_*_1.nii.gz))))
+ifneq ($(WITH_DATA),)
+ifneq ($(words $(LOCAL_TEST_CASES)),$(ALL_TEST_PAIRS))
+GPU_BOOK_CASES := REGDIFF_SET="data.test_cases=$(subst $(space),$(comma),$(LOCAL_TEST_CASES))$(if $(REGDIFF_SET),;$(REGDIFF_SET))"
+endif
+endif
 gpu-book: install
-	REGDIFF_METRICS_DIR=$(abspath $(GPU_BOOK))/metrics $(WITH_DATA) $(PY) -m regdiff_core.runbook \
+	@$(if $(GPU_BOOK_CASES),echo "gpu-book: $(MIRROR) holds $(words $(LOCAL_TEST_CASES)) of the $(ALL_TEST_PAIRS) test pairs; the book runs on those: $(LOCAL_TEST_CASES)")
+	$(GPU_BOOK_CASES) REGDIFF_METRICS_DIR=$(abspath $(GPU_BOOK))/metrics $(WITH_DATA) $(PY) -m regdiff_core.runbook \
 		--profile gpu --device $(if $(filter auto,$(DEVICE)),cuda,$(DEVICE)) --data-dir $(DATA_DIR) \
 		--work-dir $(GPU_BOOK)/work --out $(GPU_BOOK)/chapters
 	@echo "gpu-book: notebooks in $(GPU_BOOK)/chapters, metrics in $(GPU_BOOK)/metrics"
@@ -119,6 +139,47 @@ gpu-book: install
 smoke: install
 	$(WITH_DATA) $(PY) -m regdiff_core.smoke --profile $(PROFILE) --device $(DEVICE) --data-dir $(DATA_DIR) \
 		--work-dir _build/smoke-$(PROFILE)
+
+# ---- A GPU node without internet ------------------------------------------------------------------
+# On a machine with internet: every wheel the project needs beyond PyTorch, for the node's Python and
+# platform (NODE_PYTHON, NODE_PLATFORM; default: this machine's). LEAN=1 leaves out what a PyTorch GPU
+# image already carries (numpy, scipy, matplotlib, pillow): about 27 MB, with the release's 13 MB of data
+# small enough to copy to the node in one go.
+WHEELHOUSE    ?= _build/wheelhouse$(if $(filter 1,$(LEAN)),-lean)
+NODE_PYTHON   ?=
+NODE_PLATFORM ?=
+wheelhouse: install
+	$(PY) -m data_download.wheelhouse $(WHEELHOUSE) $(if $(NODE_PYTHON),--python-version $(NODE_PYTHON)) \
+		$(foreach p,$(NODE_PLATFORM),--platform $(p)) $(if $(filter 1,$(LEAN)),--lean)
+
+# On the node: a venv that sees the node's own PyTorch (--system-site-packages; or VENV=<an environment
+# that has it>), then the wheelhouse with no package index at all. Marks the install done, so that
+# `make gpu-check` and `make gpu-book` run without a network.
+install-offline:
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || { echo "install-offline: $(PY) has no PyTorch; install-offline keeps the \
+		node's own build: create VENV from a Python that has it, or pass VENV=<that environment>" >&2; exit 1; }
+	PIP_CONFIG_FILE=/dev/null $(PY) -m pip install -q --no-compile --no-index --find-links $(WHEELHOUSE) \
+		-r $(WHEELHOUSE)/requirements.txt -e .
+	$(PY) -c "import torch, monai, papermill, regdiff_core; print('install-offline: torch', torch.__version__, \
+		'(the node\'s own), monai', monai.__version__, ', regdiff', regdiff_core.__version__)"
+	touch $(VENV)/.installed
+
+# Here: build the lean wheelhouse, then install it with no index into a fresh venv that has only PyTorch
+# and what the lean wheelhouse leaves out (a stand-in for the node), and import every stage.
+OFFLINE_CHECK ?= _build/offline-check
+offline-check: install
+	$(MAKE) wheelhouse LEAN=1 WHEELHOUSE=$(OFFLINE_CHECK)/wheelhouse
+	rm -rf $(OFFLINE_CHECK)/venv && $(PYTHON) -m venv $(OFFLINE_CHECK)/venv
+	$(OFFLINE_CHECK)/venv/bin/pip install -q --no-compile "$(TORCH_PIN)" numpy scipy matplotlib pillow
+	$(MAKE) install-offline VENV=$(OFFLINE_CHECK)/venv WHEELHOUSE=$(OFFLINE_CHECK)/wheelhouse
+	$(OFFLINE_CHECK)/venv/bin/python -m regdiff_core --help > /dev/null
+
+# torchrun on this machine's CPUs (gloo): the ci registration stage on 2 processes, killed after its
+# first checkpoint and resumed, compared bit for bit with an uninterrupted 2-process run (a prepared
+# ci work folder: WORK_DIR). Minutes on 2 cores.
+torchrun-check: install
+	$(PY) -m regdiff_core.torchrun_check --work-dir $(WORK_DIR) --out _build/torchrun-check
 
 clean:
 	rm -rf _build book/chapters

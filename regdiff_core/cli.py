@@ -97,11 +97,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile = profile_from_args(args)
     except ConfigError as err:
         parser.error(str(err))
+    from regdiff_core import distributed
+
     try:
+        # under torchrun: join the process group; this rank's device (regdiff_core.distributed)
+        if hasattr(args, "device"):
+            args.device = distributed.init_from_env(args.device, args.stage)
         result = args.func(args, profile)
     except project_errors() as err:  # a message that names the file or setting, not a traceback
-        print(f"error: {err}", file=sys.stderr)
+        rank = distributed.context()
+        print(f"error{f' (rank {rank.rank})' if rank.active else ''}: {err}", file=sys.stderr)
         return 2
+    distributed.shutdown()
     return int(result or 0)
 
 

@@ -659,9 +659,35 @@ PROFILES: dict[str, Profile] = {
 
 
 def get_profile(name: str, overrides: dict[str, Any] | None = None) -> Profile:
-    """The named profile, with optional dotted-key overrides. Unknown names raise :class:`ConfigError`."""
+    """The named profile, with optional dotted-key overrides. Unknown names raise :class:`ConfigError`.
+
+    ``$REGDIFF_SET`` (``STAGE.FIELD=VALUE`` items separated by ``;``) overrides every named profile of the
+    process, under ``overrides``; it is said once per process. ``make gpu-book`` sets it to the test pairs
+    a local data folder holds, so that every notebook of the run uses those.
+    """
     if isinstance(name, Profile):
         return name.replace(overrides)
     if name not in PROFILES:
         raise ConfigError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
-    return PROFILES[name].replace(overrides)
+    return PROFILES[name].replace({**env_overrides(), **(overrides or {})})
+
+
+def env_overrides() -> dict[str, str]:
+    """The overrides named by ``$REGDIFF_SET`` (``"data.test_cases=002,008;vqae.iterations=10"``)."""
+    import os
+
+    text = os.environ.get("REGDIFF_SET", "").strip()
+    items = [item.strip() for item in text.split(";") if item.strip()]
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"$REGDIFF_SET item {item!r}: expected STAGE.FIELD=VALUE")
+        out[key.strip()] = value.strip()
+    if out and text not in _SAID:
+        _SAID.add(text)
+        print(f"[regdiff] $REGDIFF_SET overrides every profile: {'; '.join(items)}")
+    return out
+
+
+_SAID: set[str] = set()

@@ -77,6 +77,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from regdiff_core import distributed
 from regdiff_core.config import DiffusionConfig, Profile, get_profile
 from regdiff_core.training import CheckpointError, load_weights, read_checkpoint, train_loop
 from regdiff_core.utils import atomic_torch_save, atomic_write_text, autocast, count_parameters
@@ -448,7 +449,9 @@ def train_denoiser(
     if tokens is None:
         tokens = training_tokens(profile, work_dir, device)
     x_all, codebook_size, grid = _tokens_as_sequences(tokens)
-    _forget_stale_checkpoint(out_dir, x_all, cfg)
+    if distributed.is_main():  # torchrun: one rank decides and deletes; the others wait for it
+        _forget_stale_checkpoint(out_dir, x_all, cfg)
+    distributed.barrier()
     x_all = x_all.to(device)
     denoiser = build_denoiser(cfg, codebook_size, grid).to(device)
     optimiser = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)
@@ -468,19 +471,21 @@ def train_denoiser(
         )
         state["ema"] = ema
     n_grids = len(x_all)
+    batch = distributed.rank_batch(cfg.batch_size, "diffusion.batch_size")  # torchrun: this rank's share
+    net = distributed.wrap(denoiser, cfg.batch_size)  # torchrun: in DDP; one process: the denoiser itself
 
     def step_fn(step: int) -> dict[str, Any]:
         denoiser.train()
         # a batch of distinct grids when there are enough (the seed's randperm), else with replacement
-        if n_grids >= cfg.batch_size:
-            idx = torch.randperm(n_grids)[: cfg.batch_size]
+        if n_grids >= batch:
+            idx = torch.randperm(n_grids)[:batch]
         else:
-            idx = torch.randint(0, n_grids, (cfg.batch_size,))
+            idx = torch.randint(0, n_grids, (batch,))
         x_0 = x_all[idx.to(device)]
-        t = sample_t(cfg.batch_size, cfg.T, device=device)
+        t = sample_t(batch, cfg.T, device=device)
         x_t, mask = q_sample(x_0, t, denoiser.mask_id)
         with autocast(device, use_amp):
-            logits = denoiser(x_t)
+            logits = net(x_t)
         out = weighted_elbo_loss(logits, x_0, mask, t, norm=cfg.loss_norm)
         optimiser.zero_grad(set_to_none=True)
         scaler.scale(out.loss).backward()

@@ -934,6 +934,7 @@ def register_cli(subparsers, common) -> None:
 def _cli_evaluate(args, profile: Profile) -> int:
     import json
 
+    from regdiff_core import distributed
     from regdiff_core.data import load_landmarks, load_pairs
     from regdiff_core.registration import load_registration
     from regdiff_core.utils import resolve_device, seed_everything
@@ -947,10 +948,12 @@ def _cli_evaluate(args, profile: Profile) -> int:
         model = load_registration(profile, args.work_dir, args.checkpoint, device)
     label, regime = checkpoint_label(model, args.checkpoint)
     tta = profile.evaluation.tta_iterations if args.tta is None else args.tta
-    evaluation = evaluate_model(
-        profile, model, test, landmarks, name=label, tta_iterations=tta, device=device,
-        progress=not args.no_progress,
-    )  # fmt: skip
+    # torchrun: each rank evaluates its share of the test pairs; rank 0 gets them all back and reports
+    evaluation = distributed.evaluate_split(lambda t, lm: evaluate_model(
+        profile, model, t, lm, name=label, tta_iterations=tta, device=device, progress=not args.no_progress,
+    ), test, landmarks)  # fmt: skip
+    if not distributed.is_main():
+        return 0
     try:  # the paper's numbers on the same pairs, from its result CSVs
         counts = [len(f) for f in load_landmarks(profile, args.data_dir, ALL_TEST_CASES).canonical_fixed]
         paper = paper_results(args.data_dir, counts)

@@ -79,6 +79,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import DVF2DDF, Warp
 from monai.networks.nets import UNet
 
+from regdiff_core import distributed
 from regdiff_core.config import (
     CANONICAL_SHAPE,
     RELEASE_TRAIN_CASES,
@@ -714,10 +715,11 @@ def train_regime(
     amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     n = len(data.cases)
+    batch = distributed.rank_batch(cfg.batch_size, "registration.batch_size")  # torchrun: this rank's share
 
     def step_fn(step: int) -> dict[str, float]:
         # a random batch of pairs, as the seed: randperm(n)[:batch]
-        idx = torch.randperm(n)[: cfg.batch_size]
+        idx = torch.randperm(n)[:batch]
         fixed, moving = data.batch(idx, device)  # float32 (B, *S); synthetic pairs read from disk
         A = to_grid(fixed.unsqueeze(1), grid)
         B = to_grid(moving.unsqueeze(1), grid)
@@ -726,6 +728,7 @@ def train_regime(
     state = {"net1": model.nets[0], "net2": model.nets[1], "opt1": optimizers[0], "opt2": optimizers[1]}
     if amp:
         state["scaler"] = scaler
+    unwrap = distributed.wrap_each(model.nets, cfg.batch_size)  # torchrun: each network in its own DDP
     result = train_loop(
         step_fn,
         state,
@@ -739,6 +742,7 @@ def train_regime(
         stage="registration",
         settings=dataclasses.asdict(cfg),
     )
+    unwrap()
     seconds = result.seconds
     path = _save_model(
         model, out_dir / "model.pt", regime=regime, run=run, grid=grid, n_pairs=n, cases=data.cases

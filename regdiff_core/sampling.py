@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
+from regdiff_core import distributed
 from regdiff_core.config import CANONICAL_SHAPE, Profile
 from regdiff_core.diffusion import Denoiser, TokenSamples, load_denoiser, sample_tokens, token_slice_rgb
 
@@ -223,6 +224,11 @@ def sample_to_disk(
     ``work_dir/synthetic`` (where :func:`load_synthetic` looks). The new pairs are written to a temporary
     folder inside it and replace the earlier ``synth_*`` files only once all of them are complete: a
     failed or interrupted run leaves the previous pairs as they were.
+
+    Batch k draws from its own generator (:func:`batch_seed`), so a batch's pairs do not depend on which
+    process samples it: under ``torchrun`` the batches are dealt to the ranks (:func:`~regdiff_core.
+    distributed.shard`), each rank writes its own pairs into the shared temporary folder, and rank 0 publishes
+    the set once every rank has finished — the same files as one process with the same seed.
     """
     from regdiff_core.config import ConfigError
     from regdiff_core.utils import atomic_write_text, remove_orphans
@@ -240,21 +246,39 @@ def sample_to_disk(
     denoiser = denoiser if denoiser is not None else load_denoiser(work_dir, device)
     vqae = vqae if vqae is not None else load_vqae(profile, work_dir, device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_orphans(out_dir / "staging")  # the temporary folder of a run that was killed
-    staging = out_dir / f".staging.tmp-{os.getpid()}"
+    main = distributed.is_main()
+    if main:
+        remove_orphans(out_dir / "staging")  # the temporary folder of a run that was killed
+    staging = out_dir / distributed.broadcast_object(f".staging.tmp-{os.getpid()}")  # one for all ranks
     try:
-        report = _sample_into(staging, profile, denoiser, vqae, n, seed=seed, nifti=nifti, progress=progress)
-        names = {f.name for f in staging.iterdir()}
-        for f in sorted(staging.iterdir()):  # complete: now replace the earlier pairs
-            os.replace(f, out_dir / f.name)
-        _clear(out_dir, keep=names)
+        # every rank's report, or an error on every rank when one of them failed
+        reports = distributed.gather(
+            lambda: _sample_into(
+                staging, profile, denoiser, vqae, n, seed=seed, nifti=nifti, progress=progress
+            )
+        )
+        report = _merge_reports(reports, n)
+        if main:
+            names = {f.name for f in staging.iterdir()}
+            missing = [f"{PREFIX}{i:04d}.npz" for i in range(1, n + 1) if f"{PREFIX}{i:04d}.npz" not in names]
+            if missing:
+                raise FileNotFoundError(
+                    f"sample: {staging} lacks {missing[:3]}…: the ranks must share the work folder; "
+                    f"{out_dir} was not changed"
+                )
+            for f in sorted(staging.iterdir()):  # complete: now replace the earlier pairs
+                os.replace(f, out_dir / f.name)
+            _clear(out_dir, keep=names)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+    distributed.barrier()  # every rank returns after the set is published
     report = report._replace(out_dir=out_dir)
     manifest = {
         "profile": profile.name, "n": n, "steps": cfg.steps, "temperature": cfg.temperature, "seed": seed,
         "shape": list(profile.data.shape), "device": str(device), "nifti": nifti,
         "seconds_per_pair": report.seconds_per_pair, "network_calls": report.network_calls,
+        "processes": distributed.context().world_size,
     }  # fmt: skip
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return report
@@ -263,17 +287,22 @@ def sample_to_disk(
 def _sample_into(
     out_dir: Path, profile: Profile, denoiser, vqae, n: int, *, seed: int, nifti: bool, progress: bool
 ) -> SampleReport:
-    """Sample and export ``n`` pairs into the (new) folder ``out_dir``, one batch at a time."""
+    """Sample and export ``n`` pairs into the (new) folder ``out_dir``, one batch at a time (under
+    ``torchrun``: this rank's batches, and ``n`` in the report counts them)."""
     from tqdm.auto import tqdm
 
     cfg = profile.sampling
     out_dir.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
     amp = profile.diffusion.amp
     totals = {"tokens": 0.0, "decode": 0.0, "export": 0.0, "calls": 0}
+    sizes = {
+        start: min(cfg.batch_size, n - start) for start in distributed.shard(range(0, n, cfg.batch_size))
+    }
+    n = sum(sizes.values())  # this rank's pairs
     bar = tqdm(total=n, desc="synthetic pairs", disable=not progress)
-    for start in range(0, n, cfg.batch_size):
-        b = min(cfg.batch_size, n - start)
+    for start, b in sizes.items():
+        # batch k's own generator: its pairs do not depend on which rank samples it
+        generator = torch.Generator().manual_seed(batch_seed(seed, start // cfg.batch_size))
         pairs = generate_pairs(
             denoiser, vqae, b, steps=cfg.steps, temperature=cfg.temperature, batch_size=cfg.batch_size,
             generator=generator, amp=amp,
@@ -336,6 +365,27 @@ def write_reconstructions(
 def reconstruction_files(work_dir: str | Path) -> list[Path]:
     """The ``recon_*.npz`` files of ``work_dir/reconstructions``, sorted by name (= by case)."""
     return sorted((Path(work_dir) / RECONSTRUCTIONS_DIR).glob(f"{RECON_PREFIX}*.npz"))
+
+
+def batch_seed(seed: int, k: int) -> int:
+    """The seed of batch ``k`` of a sampling run with ``seed``: ``seed`` itself for the first batch, a hash
+    of (``seed``, ``k``) for the others."""
+    if k == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), int(k)]).generate_state(1, np.uint64)[0] % 2**63)
+
+
+def _merge_reports(reports: Sequence[SampleReport], n: int) -> SampleReport:
+    """One report from every rank's: the pairs, seconds and denoiser calls added up."""
+    if len(reports) == 1:
+        return reports[0]
+    seconds = {
+        k: sum(getattr(r, k) for r in reports) for k in ("seconds_tokens", "seconds_decode", "seconds_export")
+    }
+    return SampleReport(
+        n=n, out_dir=reports[0].out_dir, seconds_per_pair=(seconds["seconds_tokens"] + seconds["seconds_decode"]) / n,
+        network_calls=sum(r.network_calls for r in reports), **seconds,
+    )  # fmt: skip
 
 
 def synthetic_files(work_dir: str | Path, folder: str | Path | None = None) -> list[Path]:
@@ -752,7 +802,14 @@ def register_cli(subparsers, common) -> None:
     p = subparsers.add_parser(
         "sample", parents=[common], help="chapter 4: sample synthetic pairs and export npz + nii.gz"
     )
-    p.add_argument("--n", type=int, default=None, help="number of pairs (default: sampling.n_pairs)")
+    p.add_argument(  # --n-pairs too: under torchrun, --n is taken for an abbreviation of its --nnodes
+        "--n",
+        "--n-pairs",
+        dest="n",
+        type=int,
+        default=None,
+        help="number of pairs (default: sampling.n_pairs)",
+    )
     p.add_argument("--out", type=str, default=None, help="output folder (default: <work-dir>/synthetic)")
     p.add_argument("--no-nifti", action="store_true", help="write only the npz files")
     p.add_argument("--no-progress", action="store_true")

@@ -14,6 +14,9 @@ backward, optimiser and scheduler updates) and a ``state`` dict of everything wi
   checkpoint, a resumed CPU run continues exactly as the uninterrupted one would have. A learning rate
   changed since the checkpoint is applied (and said so); other changed ``settings`` are listed.
 - a checkpoint that cannot be read or does not fit raises :class:`CheckpointError` naming the file.
+- under ``torchrun`` (:mod:`regdiff_core.distributed`): the logged numbers are averaged over the ranks,
+  rank 0 alone writes the checkpoint and the history, the checkpoint keeps every rank's RNG state
+  (``rng_ranks``) and a resume gives each rank its own back.
 
 Written by hand rather than with a trainer framework (Lightning, MONAI's ignite engines) so that the
 reader sees the whole loop in one screen, and because those add a dependency the book otherwise lacks.
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from regdiff_core import distributed
 from regdiff_core.utils import atomic_torch_save, remove_orphans
 
 
@@ -164,7 +168,7 @@ def load_weights(
 
 
 def _write_history_csv(history: list[dict[str, float]], path: Path) -> None:
-    if not history:
+    if not history or not distributed.is_main():  # every rank holds the same (averaged) history
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(k for row in history for k in row))
@@ -260,6 +264,25 @@ def _current_lr(state: Mapping[str, Any]) -> float | None:
 _CKPT_KEYS = ("step", "state", "rng", "history")
 
 
+def _rank_rng(ckpt: Mapping[str, Any], ckpt_path: Path, desc: str) -> Mapping[str, Any]:
+    """This rank's RNG state from a checkpoint: its own from ``rng_ranks`` when the checkpoint was written
+    by as many ranks; otherwise rank 0's (``rng``), followed — on several ranks — by a new stream per rank."""
+    ctx = distributed.context()
+    ranks = ckpt.get("rng_ranks")
+    if ctx.active and ranks is not None and len(ranks) == ctx.world_size:
+        return ranks[ctx.rank]
+    if ctx.active:
+        if ctx.is_main:
+            print(
+                f"[{desc}] {ckpt_path} was written by {len(ranks) if ranks else 1} process(es), this run has "
+                f"{ctx.world_size}: the weights resume exactly, the random streams start anew per rank"
+            )
+        _set_rng_state(ckpt["rng"])
+        distributed.seed_rank_stream()
+        return _rng_state()
+    return ckpt["rng"]
+
+
 def _resume(
     ckpt_path: Path, state: Mapping[str, Any], desc: str, settings: Mapping[str, Any] | None
 ) -> tuple[int, list[dict[str, float]]]:
@@ -294,7 +317,7 @@ def _resume(
                 f"the settings it was trained with, or {again}"
             ) from err
     try:
-        _set_rng_state(ckpt["rng"])
+        _set_rng_state(_rank_rng(ckpt, ckpt_path, desc))
         history = list(ckpt["history"])
         step = int(ckpt["step"])
     except Exception as err:
@@ -346,11 +369,19 @@ def train_loop(
     history: list[dict[str, float]] = []
     start = 0
     resumed_from = None
-    if ckpt_path is not None:
+    ctx = distributed.context()
+    if ckpt_path is not None and ctx.is_main:
         remove_orphans(ckpt_path)  # temporary files of a run killed while it wrote a checkpoint
+    distributed.barrier()
     if ckpt_path is not None and ckpt_path.exists():
         start, history = _resume(ckpt_path, state, desc, settings)
         resumed_from = start
+    starts = distributed.all_gather_objects(start)
+    if len(set(starts)) > 1:
+        raise CheckpointError(
+            f"{desc}: the ranks disagree on the checkpoint {ckpt_path} (they would resume at steps {starts}): "
+            "every rank must see the same work folder"
+        )
 
     def save(step: int) -> None:
         if ckpt_path is None:
@@ -361,6 +392,8 @@ def train_loop(
             "rng": _rng_state(),
             "history": history,
         }
+        if ctx.active:  # every rank's stream, so that a resume restores each rank (rank 0 writes)
+            payload["rng_ranks"] = distributed.all_gather_objects(payload["rng"])
         if settings is not None:
             payload["settings"] = dict(settings)
         bad = _non_finite(payload["state"])
@@ -372,7 +405,10 @@ def train_loop(
         atomic_torch_save(payload, ckpt_path)
 
     t0 = time.perf_counter()
-    bar = tqdm(total=n_steps, initial=min(start, n_steps), desc=desc, disable=not progress, mininterval=1.0)
+    bar = tqdm(
+        total=n_steps, initial=min(start, n_steps), desc=desc, disable=not progress or not ctx.is_main,
+        mininterval=1.0,
+    )  # fmt: skip
     try:
         for step in range(start + 1, n_steps + 1):
             out = step_fn(step)
@@ -380,6 +416,7 @@ def train_loop(
                 "step": step,
                 **{k: float(v.detach() if torch.is_tensor(v) else v) for k, v in out.items()},
             }
+            row = distributed.mean_over_ranks(row)  # the global batch's numbers (all ranks the same)
             if "loss" not in row:
                 raise KeyError(f"{desc}: step_fn must return a 'loss' (got {sorted(out)})")
             if not math.isfinite(row["loss"]):

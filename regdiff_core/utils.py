@@ -189,9 +189,21 @@ def glob_escape(name: str) -> str:
     return glob.escape(name)
 
 
+def _not_the_writer() -> bool:
+    """Under ``torchrun`` only rank 0 writes shared files: the other ranks hold the same state."""
+    from regdiff_core.distributed import is_main
+
+    return not is_main()
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename (no half-written file ever)."""
+    """Write ``text`` to ``path`` through a temporary file and a rename (no half-written file ever).
+
+    Under ``torchrun``, ranks other than 0 write nothing and return ``path`` (see :func:`atomic_torch_save`).
+    """
     path = Path(path)
+    if _not_the_writer():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -207,8 +219,12 @@ def atomic_torch_save(obj: Any, path: Path) -> Path:
     """``torch.save`` to a temporary file in the same folder, then rename: a kill never leaves half a file.
 
     Temporary files of earlier writers of ``path`` that were killed mid-write are removed first.
+    Under ``torchrun`` (:mod:`regdiff_core.distributed`) rank 0 alone writes — every rank holds the same
+    weights — and the other ranks return ``path`` without writing.
     """
     path = Path(path)
+    if _not_the_writer():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from monai.networks.nets import AutoEncoder
 from torch import nn
 
+from regdiff_core import distributed
 from regdiff_core.config import Profile, VQAEConfig
 from regdiff_core.training import CheckpointError, load_weights, read_checkpoint
 
@@ -175,7 +176,9 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _record(self, z_flat: torch.Tensor, indices: torch.Tensor) -> None:
-        self.usage += torch.bincount(indices, minlength=self.codebook_size).to(self.usage)
+        counts = torch.bincount(indices, minlength=self.codebook_size)
+        # under torchrun: the whole batch's counts on every rank, or the ranks' restarts would drift apart
+        self.usage += distributed.all_reduce_sum_(counts).to(self.usage)
         # keep up to K random encoder outputs of this batch in the ring buffer
         k = min(self.codebook_size, z_flat.shape[0])
         pick = z_flat[torch.randperm(z_flat.shape[0], device=z_flat.device)[:k]]
@@ -524,13 +527,26 @@ def random_affine(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
-def paired_cross_entropy(logits: torch.Tensor, x: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
-    """½·CE(fixed) + ½·CE(moving) with class weights; ``logits`` (B, 4, *s), ``x`` (B, 2, *s) in {0, 1}."""
+def paired_cross_entropy(
+    logits: torch.Tensor, x: torch.Tensor, class_weights: torch.Tensor, global_batch: int | None = None
+) -> torch.Tensor:
+    """½·CE(fixed) + ½·CE(moving) with class weights; ``logits`` (B, 4, *s), ``x`` (B, 2, *s) in {0, 1}.
+
+    Each CE is the weighted mean Σ w_y·CE / Σ w_y. Under torchrun, with ``global_batch``, the denominator
+    is the whole batch's (:func:`regdiff_core.distributed.global_denominator`), so that the ranks' gradients
+    add up to the full batch's.
+    """
     target = (x > 0.5).long()
+    terms = []
+    for head, y in ((logits[:, 0:2], target[:, 0]), (logits[:, 2:4], target[:, 1])):
+        # CE_w = Σ_i w_{y_i} CE_i / Σ_i w_{y_i}
+        total = F.cross_entropy(head.float(), y, weight=class_weights, reduction="sum")
+        norm = class_weights[y].sum()
+        if global_batch is not None:
+            norm = distributed.global_denominator(norm, len(x), global_batch)
+        terms.append(total / norm)
     # L = ½ CE(logits[:, 0:2], x_fixed) + ½ CE(logits[:, 2:4], x_moving)
-    return 0.5 * F.cross_entropy(
-        logits[:, 0:2].float(), target[:, 0], weight=class_weights
-    ) + 0.5 * F.cross_entropy(logits[:, 2:4].float(), target[:, 1], weight=class_weights)
+    return 0.5 * terms[0] + 0.5 * terms[1]
 
 
 def dice(pred: torch.Tensor, target: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -649,15 +665,17 @@ def train_vqae(
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     class_weights = torch.tensor(cfg.class_weights, dtype=torch.float32, device=device)
+    batch = distributed.rank_batch(cfg.batch_size, "vqae.batch_size")  # torchrun: this rank's share
+    net = distributed.wrap(model, cfg.batch_size)  # torchrun: in DDP; one process: the model itself
 
     def step_fn(step: int) -> dict[str, float]:
-        x = sample_patches(volumes, cfg.batch_size, cfg.patch_size)
+        x = sample_patches(volumes, batch, cfg.patch_size)
         with torch.no_grad():
             x = random_affine(x.to(device), cfg.affine_sigma)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, use_amp):
-            out = model(x)
-            ce = paired_cross_entropy(out.logits, x, class_weights)
+            out = net(x)
+            ce = paired_cross_entropy(out.logits, x, class_weights, cfg.batch_size)
             # L = ½CE(fixed) + ½CE(moving) + 0.1 · L_codebook
             loss = ce + cfg.codebook_weight * out.codebook_loss
         scaler.scale(loss).backward()
@@ -679,6 +697,7 @@ def train_vqae(
             stats = model.quantiser.stats()
             row["codebook_used"], row["perplexity"] = stats.used, stats.perplexity
             row["restarted"] = model.quantiser.restart_dead_codes() if cfg.dead_code_restart else 0
+            distributed.broadcast_(model.quantiser.embedding.weight.data)  # rank 0's restarts for all
             model.quantiser.reset_usage()
         if step == snapshot_at and out_dir is not None:
             save_vqae(model, snapshot_path(out_dir, step))
@@ -977,6 +996,8 @@ def _cli_train(args, profile: Profile) -> int:
 
     device = resolve_device(args.device)
     result = train(profile, args.work_dir, device, args.seed)
+    if not distributed.is_main():  # torchrun: rank 0 alone judges and reports the model
+        return 0
     test = load_pairs(profile, args.work_dir, "test")
     batch = profile.vqae.encode_batch if args.batch_size is None else args.batch_size
     rec = reconstruct(result.model, test.volumes(dtype=torch.uint8), device, batch, amp=profile.vqae.amp)
