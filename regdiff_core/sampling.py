@@ -401,9 +401,22 @@ def _vessel_channel(array: np.ndarray) -> np.ndarray:
 
 def read_synthetic_pair(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """One stored pair: ``(fixed, moving)`` (H, W, D) P(vessel) as stored (fp16 here, the seed's fp16 softmax
-    reduced to its vessel channel)."""
-    with np.load(path) as z:
-        return tuple(torch.from_numpy(np.ascontiguousarray(_vessel_channel(z[k]))) for k in ("fix", "mov"))  # type: ignore[return-value]
+    reduced to its vessel channel). A file that is not such a pair (cut short, another format, no ``fix`` or
+    ``mov``) raises :class:`~regdiff_core.data.DataError` naming it; NumPy never unpickles objects here."""
+    import zipfile
+
+    from regdiff_core.data import DataError
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return tuple(
+                torch.from_numpy(np.ascontiguousarray(_vessel_channel(z[k]))) for k in ("fix", "mov")
+            )  # type: ignore[return-value]
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError) as err:
+        raise DataError(
+            f"{path} is not a readable pair file ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "it may have been cut short. Sample the pairs again (chapter 4, or `python -m regdiff_core sample`)."
+        ) from None
 
 
 def load_synthetic(

@@ -85,11 +85,11 @@ def _run_and_kill(cmd: list[str], log: Path, ckpt: Path, after: float) -> int:
         time.sleep(after)
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every worker: a node that went away
         proc.wait()
-    return int(torch.load(ckpt, map_location="cpu", weights_only=False)["step"])
+    return int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"])
 
 
 def _weights(path: Path) -> list[torch.Tensor]:
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
     if "nets" in payload:
         return [t for net in payload["nets"] for t in net.values()]
     state = payload.get("state", {}).get("model") or payload["state_dict"]

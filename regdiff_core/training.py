@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import math
+import pickle
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -62,8 +63,17 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint", advice: str | No
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated zip, pickle of something else, a text file ...
+        # weights_only: tensors, numbers, strings, lists and dicts only; a pickle that would call anything
+        # else (os.system, a class of its own) is refused before it runs
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refused to read {what} {path}: it holds Python objects other than tensors, numbers, strings, "
+            f"lists and dicts ({_first_line(err)}), which loading would run as code. A file this project "
+            f"writes never does; do not load it from an untrusted source. "
+            f"{advice or 'Move it away (or delete it) and run the stage that writes it again.'}"
+        ) from None
+    except Exception as err:  # truncated zip, a text file ...
         raise CheckpointError(
             f"cannot read {what} {path} ({type(err).__name__}: {_first_line(err)}): the file is damaged or "
             f"not a torch file. {advice or 'Move it away (or delete it) and run the stage that writes it again.'}"
@@ -92,7 +102,14 @@ class TrainResult:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The RNG states as tensors, numbers and strings, so that a checkpoint loads with
+    ``weights_only=True`` (NumPy's key array would need NumPy's unpickler)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -100,8 +117,10 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -244,7 +263,7 @@ def _advice(desc: str, ckpt_path: Path | None, stage: str | None, lr: float | No
     )
     if ckpt_path is not None and ckpt_path.exists():
         try:
-            step = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("step", "?")
+            step = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("step", "?")
         except Exception:  # the advice must not fail on the file it names
             step = "?"
         return (

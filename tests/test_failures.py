@@ -72,7 +72,8 @@ TINY_VQAE = sets(
 TINY_DIFFUSION = sets(
     "diffusion.n_layers=1", "diffusion.width=16", "diffusion.n_heads=2", "diffusion.ff=32", "diffusion.T=4",
     "diffusion.warmup=1", "diffusion.batch_size=2", "diffusion.iterations=2", "diffusion.ckpt_every=1",
-    "diffusion.log_every=1", "diffusion.ablation_iterations=0",
+    "diffusion.log_every=1", "diffusion.ablation_iterations=0", "diffusion.augment_flip=false",
+    "diffusion.augment_shift=none",
 )  # fmt: skip
 
 
@@ -126,7 +127,7 @@ def _wrong_structure(ckpt: Path) -> None:
 
 
 def _without_rng(ckpt: Path) -> None:
-    payload = torch.load(ckpt, weights_only=False)
+    payload = torch.load(ckpt, weights_only=True)
     del payload["rng"]
     torch.save(payload, ckpt)
 
@@ -291,7 +292,7 @@ def test_resume_with_a_new_registration_lr_trains_at_that_lr(tmp_path, capsys):
     R.train_regime(again, "real_all", tmp_path, torch.device("cpu"), progress=False, data=regime)
     out = capsys.readouterr().out
     assert "opt1 lr 0.015 → 0.001" in out and "opt2 lr 0.015 → 0.001" in out and "iterations 2 → 3" in out
-    saved = torch.load(tmp_path / "registration/real_all/checkpoint.pt", weights_only=False)
+    saved = torch.load(tmp_path / "registration/real_all/checkpoint.pt", weights_only=True)
     assert saved["step"] == 3
     assert [saved["state"][o]["param_groups"][0]["lr"] for o in ("opt1", "opt2")] == [0.001, 0.001]
 
@@ -338,7 +339,7 @@ def test_divergence_advice_works_as_written(tmp_path):
     message = str(err.value)
     assert "loss is inf at step 2" in message or "loss is nan at step 2" in message
     assert f"delete (or move) {ckpt} and rerun with --set toy.lr=<a value below 1e+30>" in message
-    saved = torch.load(ckpt, weights_only=False)
+    saved = torch.load(ckpt, weights_only=True)
     assert saved["step"] == 1 and all(torch.isfinite(v).all() for v in saved["state"]["net"].values())
     # as written: delete the checkpoint, rerun with a lower learning rate → trains to the end, finite
     ckpt.unlink()

@@ -74,7 +74,7 @@ def test_kill_and_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert torch.load(ckpt, map_location="cpu", weights_only=False)["step"] == 3
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["step"] == 3
 
     # resume in fresh objects (a different init, so only the checkpoint can make them agree)
     torch.manual_seed(123)
@@ -122,7 +122,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     assert ckpt.read_bytes() == before  # the previous checkpoint is untouched …
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # … and no temporary file is left
-    assert torch.load(ckpt, map_location="cpu", weights_only=False)["step"] == 2
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["step"] == 2
 
 
 def test_truncated_checkpoint_is_named_in_the_error(tmp_path):
@@ -146,7 +146,7 @@ def test_nan_guard_names_the_step(tmp_path, bad):
         train_loop(step_fn, {}, 10, ckpt_path=ckpt, ckpt_every=2, progress=False)
     assert seen == [1, 2, 3, 4, 5]  # stops at once
     assert str(ckpt) in str(err.value)  # and points to the last good checkpoint …
-    assert torch.load(ckpt, map_location="cpu", weights_only=False)["step"] == 4  # … which is step 4's
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["step"] == 4  # … which is step 4's
 
 
 def test_nan_guard_also_catches_a_nan_tensor_loss():
@@ -225,7 +225,7 @@ def test_a_cpu_checkpoint_resumes_with_gradient_scaling_on(tmp_path):
         if scaler_in_ckpt:
             state["scaler"] = torch.amp.GradScaler("cpu", enabled=False)
         train_loop(step_fn, state, 2, ckpt_path=ckpt, ckpt_every=1, progress=False)
-        assert "scaler" in torch.load(ckpt, weights_only=False)["state"] or not scaler_in_ckpt
+        assert "scaler" in torch.load(ckpt, weights_only=True)["state"] or not scaler_in_ckpt
 
         net, state, step_fn = _toy()
         state["scaler"] = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**10)

@@ -317,7 +317,7 @@ def test_a_run_stopped_early_is_the_start_of_the_full_run_and_its_snapshot(tmp_p
     assert len(full.history) == 8 and len(short.history) == 3
     assert short.history == full.history[:3]  # losses, lr (the 8-step schedule) and codebook counts
     assert [r["lr"] for r in short.history] == pytest.approx([5e-3, 2.5e-3, 5e-3])
-    snap = torch.load(vqae.snapshot_path(tmp_path / "full", 3), weights_only=False)["state"]["model"]
+    snap = torch.load(vqae.snapshot_path(tmp_path / "full", 3), weights_only=True)["state"]["model"]
     for (k, p), q in zip(short.model.state_dict().items(), snap.values()):
         assert torch.equal(p, q), k
     # the snapshot is step 3, not the end of the run
