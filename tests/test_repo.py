@@ -120,6 +120,18 @@ def test_badge_and_setup_cell_use_the_release_ref(path):
     assert len(re.findall(r"git\+https://", setup)) == 1
 
 
+def test_running_page_badges_open_the_notebooks_of_the_release_ref():
+    """book/running.md's badges open the same version of each notebook as the notebooks' own badges."""
+    url, ref = release_ref()
+    owner_name = url.removeprefix("https://github.com/")
+    text = (ROOT / "book" / "running.md").read_text()
+    badges = re.findall(
+        r"colab\.research\.google\.com/github/([^)\s]+)/blob/([^/)\s]+)/notebooks/([^)\s]+)", text
+    )
+    assert sorted(b[2] for b in badges) == [p.name for p in NOTEBOOKS]
+    assert {(b[0], b[1]) for b in badges} == {(owner_name, ref)}, f"running.md's badges must open {ref}"
+
+
 @pytest.mark.skipif(
     os.environ.get("REGDIFF_RELEASE_CHECK") != "1",
     reason="release check: `make release-check` (the tag v<version> is created when that version is released)",
