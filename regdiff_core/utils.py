@@ -345,11 +345,13 @@ def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str
     return out
 
 
-def summary_table(metrics: dict[str, Any]) -> str:
+def summary_table(metrics: dict[str, Any], collapsed: bool = True) -> str:
     """A chapter's metrics dict as a two-column Markdown table (``metric``, ``value``), for the page.
 
     Floats to 4 significant digits, lists of numbers as ``64 × 52 × 64`` for three and comma-separated
-    otherwise, None as "—"; nested dicts flattened by :func:`flatten_metrics`.
+    otherwise, None as "—"; nested dicts flattened by :func:`flatten_metrics`. ``collapsed``: inside a
+    closed MyST ``{dropdown}`` that names the row count, because a chapter writes dozens of numbers and
+    the page quotes only a few of them (each chapter's "What we saw"); the reader opens it on demand.
     """
 
     def fmt(v: Any) -> str:
@@ -366,7 +368,10 @@ def summary_table(metrics: dict[str, Any]) -> str:
         return str(v).replace("\n", " ")
 
     rows = [{"metric": f"`{k}`", "value": fmt(v)} for k, v in flatten_metrics(metrics)]
-    return markdown_table(rows)
+    table = markdown_table(rows)
+    if not collapsed:
+        return table
+    return f":::{{dropdown}} All {len(rows)} numbers of the chapter's metrics file\n{table}\n:::"
 
 
 #: Where :func:`exercise_timer` records how long each exercise's solution took (one file per notebook).
