@@ -855,7 +855,8 @@ def shapes_table(pairs: PairSet, split: str) -> list[dict[str, Any]]:
                 "pad H (h1, h2)": pad[0:2] if pad else None,
                 "pad W (w1, w2)": pad[2:4] if pad else None,
                 "pad D (d1, d2)": pad[4:6] if pad else None,
-                "spacing (mm)": tuple(round(float(s), 4) for s in pairs.spacing[i]),
+                # spaces around ×: a narrow column wraps between numbers, never inside one
+                "spacing (mm)": " × ".join(f"{float(s):.4f}" for s in pairs.spacing[i]),
             }
         )
     return rows
