@@ -1072,7 +1072,7 @@ def plot_slices(
     """The static companion of :func:`slice_viewer`: fixed / moving / overlay of one slice side by side."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.8), layout="tight")
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.9), layout="tight")
     for ax, view in zip(axes, ("fixed", "moving", "overlay")):
         plot_slice(fixed, moving, axis, index, view, ax=ax)
     if suptitle:
