@@ -103,7 +103,8 @@ def output_problems(outputs: Iterable[dict]) -> list[str]:
 def wide_tables(tables: Iterable[dict], column_width: float, slack: float = 1.0) -> list[str]:
     """Visible tables (``{"width": px, "text": …}``) wider than the content column (px)."""
     return [
-        f"table wider than the column ({t['width']:.0f} px > {column_width:.0f} px): {t.get('text', '')[:60]!r}"
+        f"table wider than the column ({t['width']:.0f} px > {column_width:.0f} px): "
+        f"{' '.join(t.get('text', '').split())[:60]!r}"
         for t in tables
         if t["width"] > column_width + slack
     ]
