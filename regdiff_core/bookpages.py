@@ -191,29 +191,29 @@ def profiles_markdown(profiles: Mapping[str, config.Profile] | None = None) -> s
 SEED_DIFFERENCES: tuple[tuple[str, str, str], ...] = (
     ("all", "no `torch.compile`",
      "minutes of compile time on a CPU and fragile on Colab; it changes nothing numerically, and the "
-     "loaders strip its `_orig_mod.` prefixes from the seed's checkpoints"),
+     "loaders strip its `_orig_mod.` prefixes from the authors' checkpoints"),
     ("all", "device-agnostic code; fp16 autocast only on CUDA",
-     "the seed moves every tensor to the GPU by hand; on a CUDA GPU `paper` runs the seed's mixed precision"),
+     "the authors' code moves every tensor to the GPU by hand; on a CUDA GPU `paper` runs its mixed precision"),
     ("vqae", "training patches are drawn from the prepared 256×208×256 canonical volumes, not from the "
      "uncropped scans", "one data path for every chapter; the canonical frame holds the whole lung"),
     ("vqae", "codebook usage and perplexity are logged", "a report only: `dead_code_restart` stays off, "
-     "as in the seed"),
+     "as in the authors' code"),
     ("diffusion", "the denoiser's head runs in float32 outside autocast",
-     "the seed feeds fp16 logits to the categorical; fp32 logits give the same distribution without "
+     "the authors' code feeds fp16 logits to the categorical; fp32 logits give the same distribution without "
      "fp16 rounding"),
     ("diffusion", "the warm-up reaches `lr · s / 500` at step s = 1",
-     "the seed's first step runs at lr 0 (an update lost, not a different schedule)"),
+     "the authors' first step runs at lr 0 (an update lost, not a different schedule)"),
     ("sampling", "which tokens to unmask and which codes to draw come from one seeded `torch.Generator`",
-     "a seed fixes the samples on any device; the distribution is the seed's"),
+     "a seed fixes the samples on any device; the distribution is the authors'"),
     ("sampling", "only the vessel channel P(vessel) is stored (fp16), plus the token grid and "
-     "optional NIfTI masks", "the background channel is 1 − P(vessel); the loaders read the seed's "
+     "optional NIfTI masks", "the background channel is 1 − P(vessel); the loaders read the authors' "
      "two-channel files too"),
     ("registration", "`N` TTA iterations are `N` updates followed by one forward pass for the evaluated "
-     "map", "the seed's loop evaluates after 49 of its 50 updates"),
+     "map", "the authors' loop evaluates after 49 of its 50 updates"),
     ("registration", "synthetic pairs are read from disk batch by batch (bounded cache)",
-     "the same values as the seed's in-memory tensors, without 28 GB of host memory for 256 pairs"),
+     "the same values as the authors' in-memory tensors, without 28 GB of host memory for 256 pairs"),
     ("evaluation", "landmarks move between grids with voxel-centre (align_corners=False) geometry",
-     "the seed's mapping to the half-resolution grid samples half a voxel off"),
+     "the authors' mapping to the half-resolution grid samples half a voxel off"),
     ("evaluation", "TRE in mm (canonical voxels × the scans' spacing)",
      "the paper reports canonical voxels; the test scans' spacing is 1.00 ± 0.003 mm, well under 1 %"),
 )  # fmt: skip
@@ -221,7 +221,7 @@ SEED_DIFFERENCES: tuple[tuple[str, str, str], ...] = (
 
 def seed_differences_markdown(rows: Sequence[tuple[str, str, str]] = SEED_DIFFERENCES) -> str:
     """Markdown table of :data:`SEED_DIFFERENCES`: stage, what differs, why."""
-    out = [_GENERATED_NOTE, "", "| stage | differs from the seed | why |", "| --- | --- | --- |"]
+    out = [_GENERATED_NOTE, "", "| stage | differs from the authors' code | why |", "| --- | --- | --- |"]
     for stage, what, why in rows:
         out.append(f"| `{stage}` | {_cell(what)} | {_cell(why)} |")
     return "\n".join(out) + "\n"

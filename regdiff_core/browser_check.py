@@ -11,7 +11,14 @@ HTML from ``127.0.0.1`` (no internet needed: MathJax and the widget scripts ship
 - every widget view rendered from its saved state (the view script has a rendered widget beside it);
 - every piece of math typeset (each ``.math`` element holds an ``mjx-container``);
 - every chapter page (``book/chapters/…``) shows at least one figure;
-- no absolute path of the build machine (``--forbid``, default: this checkout's root) in the page text.
+- no absolute path of the build machine (``--forbid``, default: this checkout's root) in the page text;
+- no cell output on stderr, no Python warning and no traceback in any output, collapsed ones included
+  (an exercise's hidden solution is read too);
+- no build path in an output: ``/tmp/``, ``../data``, ``_build/`` (:data:`BUILD_PATHS`) are plumbing,
+  not something a reader needs (prose may name ``_build/metrics/``; outputs may not);
+- no visible table wider than the content column (it would be cut off or scroll sideways);
+- no visible figure of a cell output rendered narrower than half the content column (its labels would
+  be unreadable; :data:`MIN_FIGURE_SHARE`).
 
 A full-page PNG of every page goes to ``--screenshots`` (``book_chapters_02_vqae.png`` …), problems to
 stdout; the exit status is 1 if any page has a problem.
@@ -23,7 +30,8 @@ Selenium drives the system's Chromium through Debian's ``chromium-driver`` (same
 them where missing.
 
 Left out on purpose: pixel comparisons against reference screenshots (they break on every font or
-theme update); layout checks beyond "does it render" are for a person looking at the screenshots.
+theme update); layout checks beyond these (a figure's own font sizes, what a table says) are for a
+person looking at the screenshots.
 """
 
 from __future__ import annotations
@@ -49,6 +57,15 @@ ASSET_DIRS = {"_static", "_sources", "_images", "_sphinx_design_static"}
 
 _RAW_TABLE = re.compile(r"^\|\s|\|\s*:?-{3,}")
 
+#: Text of the build machine's folders that no cell output may show.
+BUILD_PATHS = ("/tmp/", "../data", "_build/")
+
+#: A figure in a cell output must be at least this share of the content column wide.
+MIN_FIGURE_SHARE = 0.5
+
+#: A Python warning (``UserWarning: …``, ``warnings.warn(``) or a traceback in an output's text.
+_WARNING = re.compile(r"\b[A-Z]\w*Warning: |\bwarnings\.warn\(|Traceback \(most recent call last\)")
+
 
 def raw_markdown_rows(paragraphs: Iterable[str]) -> list[str]:
     """The paragraphs (texts of ``<p>`` elements) that are Markdown table text, shortened for the report."""
@@ -58,6 +75,49 @@ def raw_markdown_rows(paragraphs: Iterable[str]) -> list[str]:
         if _RAW_TABLE.search(t):
             bad.append(t[:80] + ("…" if len(t) > 80 else ""))
     return bad
+
+
+def output_problems(outputs: Iterable[dict]) -> list[str]:
+    """Problems of cell outputs, each ``{"text": …, "stderr": bool, "traceback": bool}``: stderr streams,
+    tracebacks, Python warnings, and build paths (:data:`BUILD_PATHS`) in the text."""
+    problems = []
+    for out in outputs:
+        text = out.get("text", "")
+        first = " ".join(text.split())[:100]
+        if out.get("stderr"):
+            problems.append(f"output on stderr: {first!r}")
+        if out.get("traceback"):
+            problems.append(f"traceback in an output: {first!r}")
+        match = _WARNING.search(text)
+        if match and not out.get("traceback"):
+            line = next(ln for ln in text.splitlines() if match.group(0) in ln)
+            problems.append(f"Python warning in an output: {' '.join(line.split())[:120]!r}")
+        for path in BUILD_PATHS:
+            if path in text:
+                i = text.index(path)
+                context = " ".join(text[max(0, i - 50) : i + 50].split())
+                problems.append(f"build path {path!r} in an output: {context!r}")
+    return problems
+
+
+def wide_tables(tables: Iterable[dict], column_width: float, slack: float = 1.0) -> list[str]:
+    """Visible tables (``{"width": px, "text": …}``) wider than the content column (px)."""
+    return [
+        f"table wider than the column ({t['width']:.0f} px > {column_width:.0f} px): "
+        f"{' '.join(t.get('text', '').split())[:60]!r}"
+        for t in tables
+        if t["width"] > column_width + slack
+    ]
+
+
+def narrow_figures(images: Iterable[dict], column_width: float, share: float = MIN_FIGURE_SHARE) -> list[str]:
+    """Visible figures of cell outputs (``{"width": px, "src": …}``) narrower than ``share`` of the column."""
+    return [
+        f"figure {img['width']:.0f} px wide, under {share:.0%} of the {column_width:.0f} px column: "
+        f"{img.get('src', '')[:60]}"
+        for img in images
+        if img["width"] < share * column_width
+    ]
 
 
 def is_external_ok(text: str) -> bool:
@@ -115,8 +175,19 @@ const views = [...document.querySelectorAll('script[type="application/vnd.jupyte
 const unrendered = views.filter((s) => !s.parentElement.querySelector('.jupyter-widgets, .widget-output, .lm-Widget')).length;
 const maths = [...document.querySelectorAll('span.math, div.math')];
 const untypeset = maths.filter((m) => !m.querySelector('mjx-container')).map((m) => m.textContent.slice(0, 60));
+const column = document.querySelector('article.bd-article') || document.querySelector('article')
+  || document.querySelector('main') || document.body;
+const style = getComputedStyle(column);
+const columnWidth = column.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+const shown = (el) => el.getClientRects().length > 0 && el.getBoundingClientRect().width > 0;
+const tables = [...column.querySelectorAll('table')].filter(shown).map((t) => ({
+  width: Math.max(t.scrollWidth, t.getBoundingClientRect().width), text: t.innerText.slice(0, 80)}));
+const outputs = [...document.querySelectorAll('.cell_output')].map((o) => ({
+  text: o.textContent, stderr: !!o.querySelector('.stderr'), traceback: !!o.querySelector('.traceback')}));
+const figures = [...document.querySelectorAll('.cell_output img')].filter(shown).map((img) => ({
+  width: img.getBoundingClientRect().width, src: (img.currentSrc || img.src).split('/').pop()}));
 return {paragraphs, images, views: views.length, unrendered, maths: maths.length, untypeset,
-        text: document.body.innerText};
+        text: document.body.innerText, columnWidth, tables, outputs, figures};
 """
 
 _WAIT_MATHJAX = r"""
@@ -221,6 +292,10 @@ def check_page(driver, url: str, rel: Path, forbid: Sequence[str], timeout: floa
     for text in forbid:
         if text and text in info["text"]:
             report.problems.append(f"page shows the build machine's path {text!r}")
+    report.facts["column_px"] = round(info["columnWidth"])
+    report.problems += output_problems(info["outputs"])
+    report.problems += wide_tables(info["tables"], info["columnWidth"])
+    report.problems += narrow_figures(info["figures"], info["columnWidth"])
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -78,7 +78,7 @@ class VQAEConfig:
     #: normalisation after each convolution: "instance" (MONAI's default, the paper's), "batch" or "none"
     norm: str = "instance"
     beta: float = 0.25  # commitment weight
-    legacy_beta: bool = True  # the seed puts β on the codebook term (taming's legacy form); False: VQ-VAE's
+    legacy_beta: bool = True  # the authors' code: β on the codebook term (taming's legacy); False: VQ-VAE's
     codebook_weight: float = 0.1
     class_weights: tuple[float, float] = (1.0, 2.5)
     patch_size: int = 128
@@ -87,7 +87,7 @@ class VQAEConfig:
     lr: float = 5e-4
     iterations: int = 42000  # 336000 / batch 8
     restart_divisor: int = 7  # CosineAnnealingWarmRestarts(T_0 = ⌈iterations / 7⌉, T_mult = 2); paper: 6000
-    dead_code_restart: bool = False  # the seed has none
+    dead_code_restart: bool = False  # the authors' code has none
     #: chapter 2's run with the restart switched the other way stops after this many steps (0: all of them);
     #: it keeps the full run's learning-rate schedule, and the full run saves its model at that step
     ablation_iterations: int = 0
@@ -106,11 +106,11 @@ class DiffusionConfig:
     width: int = 512
     n_heads: int = 16
     ff: int = 1024
-    dropout: float = 0.0  # paper: 0.1, the seed's (PyTorch's default); 0 as unleashing-transformers
-    #: "seed": the weighted CE / (ln 2 · K · N), as the seed (paper); "per-token": / (ln 2 · N), bits per token
+    dropout: float = 0.0  # paper: 0.1, the authors' (PyTorch's default); 0 as unleashing-transformers
+    #: "seed": the weighted CE / (ln 2 · K · N), as the authors' code (paper); "per-token": / (ln 2 · N), bits per token
     loss_norm: str = "per-token"
     pre_norm: bool = False
-    ema: float | None = None  # e.g. 0.999; None = no EMA (the seed)
+    ema: float | None = None  # e.g. 0.999; None = no EMA (the authors' code)
     #: training-grid augmentation (not in the paper, whose 97 pairs need none): each training pair is also
     #: encoded mirrored left–right (``augment_flip``) and shifted by half a token (``augment_shift``:
     #: "none", "diagonal" = one shift along all three axes, "axes" = one along each axis, "all" = every
@@ -143,7 +143,7 @@ class SamplingConfig:
     temperature: float = 0.9
     batch_size: int = 2
     threshold: float = 0.5  # P(vessel) > threshold → vessel, for the nii.gz masks and the statistics
-    export_nifti: bool = True  # also write binarised masks in the canonical frame (the seed: npz only)
+    export_nifti: bool = True  # also binarised masks in the canonical frame (the authors' code: npz only)
     n_stats: int = 64  # synthetic pairs loaded (as binary masks) for the statistics of chapter 4
     steps_sweep: tuple[int, ...] = (256, 64, 16)  # time and quality against the number of steps
     n_sweep: int = 4  # pairs sampled per entry of steps_sweep
@@ -151,7 +151,7 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class RegistrationConfig:
-    """Chapter 5: the two-step inverse-consistent registration network (defaults = the seed's)."""
+    """Chapter 5: the two-step inverse-consistent registration network (defaults = the authors' code's)."""
 
     scale: float = 0.5  # registration grid relative to ``data.shape`` (paper: half, 128×104×128)
     channels: tuple[int, ...] = (8, 16, 32, 64, 64, 64)  # MONAI UNet, one per step
@@ -162,7 +162,7 @@ class RegistrationConfig:
     smooth_weight: float = 0.5  # λ of the first-order smoothness of both maps
     lr: float = 0.015  # Adam, one per network
     batch_size: int = 8
-    iterations: int = 1248  # the seed's 2500 // batch · 4; each iteration updates both steps
+    iterations: int = 1248  # the authors' 2500 // batch · 4; each iteration updates both steps
     n_few: int = 10  # the "few real pairs" regime (the release's 10 training pairs at paper scale)
     n_synthetic: int = 256  # synthetic pairs used by the synthetic regimes
     #: the paper's three, synthetic + few real, and the VQ-AE reconstructions of the real pairs (the ceiling
@@ -171,7 +171,7 @@ class RegistrationConfig:
     #: training runs (seeds seed, seed + 1, …) of each regime in ``seed_regimes``; the others train once
     seeds: int = 1
     seed_regimes: tuple[str, ...] = ("real_all", "real_few", "synthetic")
-    amp: bool = True  # the seed's fp16 autocast of the UNets (CUDA only)
+    amp: bool = True  # the authors' fp16 autocast of the UNets (CUDA only)
     ckpt_every: int = 250
     log_every: int = 50
 

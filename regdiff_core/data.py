@@ -834,21 +834,29 @@ def landmark_hit_rate(
 
 
 def shapes_table(pairs: PairSet, split: str) -> list[dict[str, Any]]:
-    """One row per pair: case, split, raw shape → after the seed's crop → canonical → profile shape, spacing."""
+    """One row per pair: case, split, raw shape (and the seed's crop), pad/crop per axis, spacing.
+
+    Narrow enough for the page: the canonical and profile shapes, the same in every row, are left to the
+    text. A negative pad crops; ``H + h1 + h2 = 256`` and alike (:func:`canonical_padding`).
+    """
     rows = []
     for i, case in enumerate(pairs.cases):
         raw = tuple(int(s) for s in pairs.raw_shapes[i]) if pairs.raw_shapes is not None else None
         cropped = raw if raw is None or case not in SEED_CROP else (*raw[:2], min(raw[2], SEED_CROP[case]))
+        pad = canonical_padding(cropped) if cropped else None
+        shown = "×".join(map(str, raw)) if raw else None
+        if raw and cropped != raw:
+            shown += f" (D cut to {cropped[2]})"
         rows.append(
             {
                 "case": case,
                 "split": split,
-                "raw shape": raw,
-                "after seed crop": cropped,
-                "pad (h1, h2, w1, w2, d1, d2)": canonical_padding(cropped) if cropped else None,
-                "canonical": CANONICAL_SHAPE,
-                "profile": tuple(pairs.fixed.shape[1:]),
-                "spacing (mm)": tuple(round(float(s), 4) for s in pairs.spacing[i]),
+                "raw shape": shown,
+                "pad H (h1, h2)": pad[0:2] if pad else None,
+                "pad W (w1, w2)": pad[2:4] if pad else None,
+                "pad D (d1, d2)": pad[4:6] if pad else None,
+                # spaces around ×: a narrow column wraps between numbers, never inside one
+                "spacing (mm)": " × ".join(f"{float(s):.4f}" for s in pairs.spacing[i]),
             }
         )
     return rows
@@ -1064,7 +1072,7 @@ def plot_slices(
     """The static companion of :func:`slice_viewer`: fixed / moving / overlay of one slice side by side."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.8), layout="tight")
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.9), layout="tight")
     for ax, view in zip(axes, ("fixed", "moving", "overlay")):
         plot_slice(fixed, moving, axis, index, view, ax=ax)
     if suptitle:

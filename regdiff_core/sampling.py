@@ -788,21 +788,34 @@ def unmasking_animation(frames: Sequence[UnmaskingFrame], mask_id: int, axis: in
     return html
 
 
-def plot_gallery(real, synthetic, n: int = 4, axis: int = 1, threshold: float | None = None):
-    """Maximum-intensity projections of ``n`` real pairs (top row) and ``n`` synthetic pairs (bottom),
-    fixed blue / moving orange. ``real``/``synthetic``: ``PairSet``; ``threshold`` binarises first."""
+def plot_gallery(
+    real,
+    synthetic,
+    n: int = 3,
+    axis: int = 1,
+    threshold: float | None = None,
+    slab: tuple[int, int] | None = None,
+):
+    """Real pairs (top row) above synthetic pairs (bottom), fixed blue / moving orange: maximum-intensity
+    projections along ``axis`` over ``slab`` (default: the central eighth, as in chapter 2; a thin slab
+    shows single vessels, the whole volume only the lung's outline). ``real``/``synthetic``: ``PairSet``;
+    ``threshold`` binarises first. Sized so that the page shows it at about its natural size."""
     import matplotlib.pyplot as plt
 
     from regdiff_core.data import plot_mip_overlay
+    from regdiff_core.vqae import central_slab
 
     n = min(n, len(real), len(synthetic))
-    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 6.4), constrained_layout=True, squeeze=False)
+    slab = slab if slab is not None else central_slab(real.fixed.shape[1 + axis])
+    fig, axes = plt.subplots(2, n, figsize=(2.7 * n, 5.6), squeeze=False)
     for row, (label, pairs) in enumerate((("real", real), ("synthetic", synthetic))):
         for k in range(n):
             f, m = pairs.fixed[k].float(), pairs.moving[k].float()
             if threshold is not None:
                 f, m = (f > threshold).float(), (m > threshold).float()
-            plot_mip_overlay(f, m, axis=axis, ax=axes[row, k], title=f"{label} {pairs.cases[k]}")
+            plot_mip_overlay(f, m, axis=axis, slab=slab, ax=axes[row, k], title=f"{label} {pairs.cases[k]}")
+    fig.suptitle(f"maximum projection over slab {slab[0]}–{slab[1]} of axis {axis}")
+    fig.tight_layout()
     return fig
 
 

@@ -1,4 +1,5 @@
-"""Small shared helpers: device choice, seeding, folders, mixed precision, and the metrics files.
+"""Small shared helpers: device choice, seeding, folders (Google Drive on Colab), mixed precision, and
+the metrics files.
 
 Every chapter writes its key numbers with :func:`write_metrics` to ``_build/metrics/<notebook>.json``;
 the book's prose quotes those files, never numbers typed by hand.
@@ -14,7 +15,7 @@ import random
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -28,7 +29,11 @@ class DeviceError(ValueError):
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` → CUDA if available, else Apple MPS, else CPU. Anything else is passed to torch."""
+    """``"auto"`` → CUDA if available, else Apple MPS, else CPU. Anything else is passed to torch.
+
+    On Colab, ``"auto"`` without a GPU prints :data:`NO_GPU_ON_COLAB` (how to pick a GPU runtime) before
+    falling back to the CPU.
+    """
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -36,6 +41,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
+        if on_colab():
+            # a Colab user who forgot the GPU runtime would otherwise wait days for an hour's chapter
+            print(NO_GPU_ON_COLAB, flush=True)
         return torch.device("cpu")
     try:
         out = torch.device(device)
@@ -77,6 +85,75 @@ def default_data_dir() -> Path:
 def default_work_dir() -> Path:
     """``$REGDIFF_WORK_DIR`` or ``./work``: prepared tensors, checkpoints, tokens, synthetic pairs."""
     return Path(os.environ.get("REGDIFF_WORK_DIR", "work")).expanduser()
+
+
+#: The message :func:`resolve_device` prints on a Colab runtime without a GPU.
+NO_GPU_ON_COLAB = """
+================================================================================================
+  NO GPU: this Colab runtime has only a CPU, so this chapter runs on the CPU.
+  With profile "colab" a chapter takes about an hour on a GPU and many hours (days) on a CPU.
+
+  To use a GPU: Runtime → Change runtime type → Hardware accelerator: GPU (e.g. T4) → Save,
+  then run the notebook again from the top. With work_dir = "drive" nothing done so far is lost.
+  (Profile "ci" is small enough for a CPU runtime: minutes per chapter.)
+================================================================================================
+"""
+
+#: Where Colab mounts Google Drive, and the folder in it that ``"drive"`` folders use.
+DRIVE_MOUNT = Path("/content/drive")
+DRIVE_FOLDER = Path("MyDrive") / "regdiff"
+
+
+def on_colab() -> bool:
+    """True inside a Google Colab runtime (where the ``google.colab`` module exists)."""
+    try:
+        import google.colab  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class RunFolders(NamedTuple):
+    """A notebook's folders: ``data`` (downloads) and ``work`` (everything the chapters write)."""
+
+    data: Path
+    work: Path
+
+
+def run_folders(
+    data_dir: str | Path | None = None, work_dir: str | Path | None = None, mount_point: Path = DRIVE_MOUNT
+) -> RunFolders:
+    """The folders of a notebook's ``data_dir`` and ``work_dir`` parameters.
+
+    ``None`` → :func:`default_data_dir` / :func:`default_work_dir`; a path → that path; ``"drive"`` (on
+    Colab only) → mount Google Drive at ``mount_point`` and use ``MyDrive/regdiff/data`` or ``…/work``
+    there. ``work_dir="drive"`` with ``data_dir=None`` keeps the downloads on Drive too. A Colab runtime
+    forgets its own disk when it is reset; Drive keeps the checkpoints, so running the notebook again
+    resumes training from the last one (see ``book/running.md``). Prints no path: the book shows this
+    cell's output.
+    """
+    drive_work = str(work_dir) == "drive"
+    drive_data = str(data_dir) == "drive" or (drive_work and data_dir is None)
+    if drive_work or drive_data:
+        if not on_colab():
+            raise ValueError(
+                '"drive" keeps data_dir / work_dir on Google Drive and works only on Colab; elsewhere give '
+                "a folder, or None for $REGDIFF_DATA_DIR / $REGDIFF_WORK_DIR (default ./data, ./work)"
+            )
+        from google.colab import drive
+
+        drive.mount(str(mount_point))
+        root = Path(mount_point) / DRIVE_FOLDER
+        kept = " and ".join(n for n, on in (("downloads", drive_data), ("work", drive_work)) if on)
+        print(
+            f"Google Drive mounted: {kept} kept in My Drive/{DRIVE_FOLDER.name}/. After a runtime reset, run "
+            "the notebook again from the top: training resumes from its last checkpoint there."
+        )
+    else:
+        root = None
+    data = root / "data" if drive_data else Path(data_dir).expanduser() if data_dir else default_data_dir()
+    work = root / "work" if drive_work else Path(work_dir).expanduser() if work_dir else default_work_dir()
+    return RunFolders(data=data, work=work)
 
 
 def metrics_dir() -> Path:
@@ -284,11 +361,13 @@ def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str
     return out
 
 
-def summary_table(metrics: dict[str, Any]) -> str:
+def summary_table(metrics: dict[str, Any], collapsed: bool = True) -> str:
     """A chapter's metrics dict as a two-column Markdown table (``metric``, ``value``), for the page.
 
     Floats to 4 significant digits, lists of numbers as ``64 × 52 × 64`` for three and comma-separated
-    otherwise, None as "—"; nested dicts flattened by :func:`flatten_metrics`.
+    otherwise, None as "—"; nested dicts flattened by :func:`flatten_metrics`. ``collapsed``: inside a
+    closed MyST ``{dropdown}`` that names the row count, because a chapter writes dozens of numbers and
+    the page quotes only a few of them (each chapter's "What we saw"); the reader opens it on demand.
     """
 
     def fmt(v: Any) -> str:
@@ -305,7 +384,10 @@ def summary_table(metrics: dict[str, Any]) -> str:
         return str(v).replace("\n", " ")
 
     rows = [{"metric": f"`{k}`", "value": fmt(v)} for k, v in flatten_metrics(metrics)]
-    return markdown_table(rows)
+    table = markdown_table(rows)
+    if not collapsed:
+        return table
+    return f":::{{dropdown}} All {len(rows)} numbers of the chapter's metrics file\n{table}\n:::"
 
 
 #: Where :func:`exercise_timer` records how long each exercise's solution took (one file per notebook).

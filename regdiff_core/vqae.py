@@ -596,7 +596,7 @@ def plot_motion_kept(cases, kept: MotionKept, ax=None):
     """Per pair: Dice(fixed, moving) of inputs and reconstructions, and the motion contrast of both."""
     import matplotlib.pyplot as plt
 
-    axes = ax if ax is not None else plt.subplots(1, 2, figsize=(11, 3.4))[1]
+    axes = ax if ax is not None else plt.subplots(1, 2, figsize=(9.5, 3.4))[1]
     idx = torch.arange(len(cases))
     for a, (vin, vrec), title in zip(
         axes,
@@ -902,7 +902,7 @@ def plot_history(history: list[dict[str, float]], title: str = "VQ-AE training",
     import matplotlib.pyplot as plt
 
     if axes is None:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+        fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
     fig = axes[0].figure
     steps = [h["step"] for h in history]
     axes[0].plot(steps, [h["loss"] for h in history], lw=0.8)

@@ -148,7 +148,7 @@ def test_main_writes_both_fragments(tmp_path, monkeypatch, toy_profiles):
     assert bookpages.main([str(out), "--metrics-dir", str(metrics)]) == 0
     assert "`12345`" in (out / "profiles_table.md").read_text()
     assert "| `06_evaluation` | 12 s |" in (out / "ci_costs_table.md").read_text()
-    assert "differs from the seed" in (out / "seed_differences.md").read_text()
+    assert "differs from the authors' code" in (out / "seed_differences.md").read_text()
     # the default metrics folder follows $REGDIFF_METRICS_DIR, as the notebooks' write_metrics does
     monkeypatch.setenv("REGDIFF_METRICS_DIR", str(metrics))
     assert bookpages.main([str(tmp_path / "again")]) == 0

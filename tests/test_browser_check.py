@@ -86,3 +86,51 @@ def test_injected_parameters_cell_is_tagged_remove_cell(tmp_path):
     tags = [c["metadata"].get("tags", []) for c in json.loads(path.read_text())["cells"]]
     assert tags == [["parameters"], ["injected-parameters", "remove-cell"], []]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_outputs_on_stderr_with_warnings_tracebacks_or_build_paths_are_caught():
+    outputs = [
+        {"text": "torch 2.13.0, monai 1.6.1\nprofile ci: volumes of (64, 52, 64); device cpu\n"},
+        {"text": "/tmp/ipykernel_4217/1.py:15: UserWarning: Converting a tensor …\n", "stderr": True},
+        {"text": "values\nDeprecationWarning: x is deprecated\n"},  # a warning printed to stdout
+        {"text": "Traceback (most recent call last):\n  File …\nValueError: no", "traceback": True},
+        {"text": "prepared now, 6.2 s; cache: ../_build/test-work/prepared"},
+        {"text": "data in ../data, tokens → ../_build/test-work/tokens.pt"},
+        {"text": "The authors' networks are not downloaded; `--dest DATA_DIR/unleashing-registration`"},
+        {"text": "a Warning about nothing, and warnings in prose are fine"},
+    ]
+    problems = browser_check.output_problems(outputs)
+    assert browser_check.output_problems(outputs[:1] + outputs[-2:]) == []
+    assert [p.split(":")[0] for p in problems] == [
+        "output on stderr",
+        "Python warning in an output",
+        "build path '/tmp/' in an output",
+        "Python warning in an output",
+        "traceback in an output",
+        "build path '_build/' in an output",
+        "build path '../data' in an output",
+        "build path '_build/' in an output",
+    ]
+    assert "UserWarning: Converting a tensor" in problems[1]
+    assert "cache: ../_build/test-work/prepared" in problems[5]
+
+
+def test_tables_wider_than_the_column_are_caught():
+    tables = [
+        {"width": 760.0, "text": "| field | ci |"},
+        {"width": 761.5, "text": "wide"},
+        {"width": 1200, "text": "x"},
+    ]
+    problems = browser_check.wide_tables(tables, column_width=760.0)
+    assert len(problems) == 2 and "1200 px > 760 px" in problems[1]
+    assert browser_check.wide_tables(tables[:1], column_width=760.0) == []
+
+
+def test_figures_under_half_the_column_are_caught():
+    images = [
+        {"width": 380.0, "src": "a.png"},
+        {"width": 379.0, "src": "b.png"},
+        {"width": 760, "src": "c.png"},
+    ]
+    problems = browser_check.narrow_figures(images, column_width=760.0)
+    assert problems == ["figure 379 px wide, under 50% of the 760 px column: b.png"]

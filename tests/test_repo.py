@@ -74,6 +74,21 @@ def test_environment_yml_lists_the_same_packages_as_pyproject():
     assert conda == pyproject
 
 
+def test_workflow_groups_runs_by_ref_caches_pip_and_deploys_one_at_a_time():
+    """A pull request's run must never cancel main's deploy: runs are grouped per ref, and only the deploy
+    job shares the `pages` group (never cancelled)."""
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "book.yml").read_text())
+    group = workflow["concurrency"]["group"]
+    assert "github.ref" in group and "pages" not in group
+    assert "pull_request" in str(workflow["concurrency"]["cancel-in-progress"])
+    deploy = workflow["jobs"]["deploy"]
+    assert deploy["concurrency"] == {"group": "pages", "cancel-in-progress": False}
+    assert "refs/heads/main" in deploy["if"]
+    setup = next(s for s in workflow["jobs"]["build"]["steps"] if "setup-python" in s.get("uses", ""))
+    assert setup["with"]["cache"] == "pip"
+    assert "actionlint" in (ROOT / "Makefile").read_text().split("\nlint:")[1].split("\n\n")[0]
+
+
 def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     assert "make test" in (ROOT / "README.md").read_text()
@@ -118,6 +133,18 @@ def test_badge_and_setup_cell_use_the_release_ref(path):
     install = f'%pip install -q "regdiff @ git+{url}@{ref}"'
     assert install in setup, f"{path.name}: the setup cell must run {install}"
     assert len(re.findall(r"git\+https://", setup)) == 1
+
+
+def test_running_page_badges_open_the_notebooks_of_the_release_ref():
+    """book/running.md's badges open the same version of each notebook as the notebooks' own badges."""
+    url, ref = release_ref()
+    owner_name = url.removeprefix("https://github.com/")
+    text = (ROOT / "book" / "running.md").read_text()
+    badges = re.findall(
+        r"colab\.research\.google\.com/github/([^)\s]+)/blob/([^/)\s]+)/notebooks/([^)\s]+)", text
+    )
+    assert sorted(b[2] for b in badges) == [p.name for p in NOTEBOOKS]
+    assert {(b[0], b[1]) for b in badges} == {(owner_name, ref)}, f"running.md's badges must open {ref}"
 
 
 @pytest.mark.skipif(

@@ -92,7 +92,11 @@ def test_summary_table_flattens_and_formats_by_hand():
         ("missing", None),
         ("note", "a|b"),
     ]
-    lines = summary_table(metrics).splitlines()
+    collapsed = summary_table(metrics).splitlines()
+    assert collapsed[0] == ":::{dropdown} All 8 numbers of the chapter's metrics file"
+    assert collapsed[-1] == ":::"
+    assert collapsed[1:-1] == summary_table(metrics, collapsed=False).splitlines()
+    lines = summary_table(metrics, collapsed=False).splitlines()
     assert lines[0] == "| metric | value |"
     assert lines[1] == "|---|---|"
     assert lines[2:] == [
