@@ -613,12 +613,13 @@ def plot_tre_boxes(ax, evaluations: dict[str, Evaluation], initial: torch.Tensor
         labels.append("initial")
     for name, ev in evaluations.items():
         data.append(torch.cat([c.net.tre for c in ev.cases]).numpy())
-        labels.append(f"{name}\nnetwork")
+        short = name.replace("_plus_", "+").replace("reconstructions", "recon.")
+        labels.append(f"{short}\nnetwork")
         if ev.cases and ev.cases[0].tta is not None:
             data.append(torch.cat([c.tta.tre for c in ev.cases]).numpy())
-            labels.append(f"{name}\n+ TTA")
+            labels.append(f"{short}\n+ TTA")
     ax.boxplot(data, showfliers=False)
-    ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=8)
+    ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=8, rotation=45, ha="right")
     ax.set_ylabel("TRE (mm)")
     ax.grid(axis="y", alpha=0.3)
 
@@ -648,7 +649,7 @@ def plot_claim(
                 top = max(max(runs), spread.mean + spread.std)
             ax.text(i + 0.05, top, f"{values[n]:.2f}", ha="center", va="bottom", fontsize=10)
         ax.axhline(before, color="k", ls="--", lw=1)
-        ax.text(len(names) - 0.5, before, f"initial {before:.2f}", ha="right", va="bottom", fontsize=10)
+        ax.text(-0.4, before, f"initial {before:.2f}", ha="left", va="bottom", fontsize=10)
         ax.set_xticks(range(len(names)), [n.replace("_plus_", "+\n").replace("reconstructions", "recon-\nstructions")
                                           for n in names], fontsize=10)  # fmt: skip
         ax.set_ylim(0, before * 1.12)
