@@ -294,6 +294,21 @@ def shift_volumes(x: torch.Tensor, offset: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
+def augment_versions(flip: bool, shift: str) -> list[tuple[bool, tuple[int, int, int], str]]:
+    """The versions :func:`augment_pairs` makes of every pair, in its order: (mirrored, shifted axes, tag),
+    the original first with tag ``""``, then e.g. ``"shift-101"``, ``"flip"``, ``"flip:shift-111"``."""
+    if shift not in SHIFT_SETS:
+        raise ValueError(f"augment_shift {shift!r}: choose one of {sorted(SHIFT_SETS)}")
+    versions = []
+    for mirrored in (False, True) if flip else (False,):
+        for axes in SHIFT_SETS[shift]:
+            parts = (["flip"] if mirrored else []) + (
+                [f"shift-{''.join(map(str, axes))}"] if any(axes) else []
+            )
+            versions.append((mirrored, axes, ":".join(parts)))
+    return versions
+
+
 def augment_pairs(volumes: torch.Tensor, downsampling: int, *, flip: bool, shift: str) -> torch.Tensor:
     """The training pairs (N, 2, H, W, D) and their augmented copies, for encoding into extra token grids.
 
@@ -305,14 +320,11 @@ def augment_pairs(volumes: torch.Tensor, downsampling: int, *, flip: bool, shift
     the anatomy, so the VQ-AE describes the same vessels with other codes, and the denoiser cannot
     simply memorise the few training grids (chapter 3 measures it on held-out grids).
     """
-    if shift not in SHIFT_SETS:
-        raise ValueError(f"augment_shift {shift!r}: choose one of {sorted(SHIFT_SETS)}")
     half = downsampling // 2
     out = []
-    for mirrored in (False, True) if flip else (False,):
+    for mirrored, axes, _ in augment_versions(flip, shift):
         x = volumes.flip(2) if mirrored else volumes
-        for axes in SHIFT_SETS[shift]:
-            out.append(shift_volumes(x, tuple(half * a for a in axes)) if any(axes) else x)
+        out.append(shift_volumes(x, tuple(half * a for a in axes)) if any(axes) else x)
     return torch.cat(out)
 
 
@@ -340,14 +352,8 @@ def training_tokens(profile: Profile, work_dir: str | Path, device: torch.device
     volumes = augment_pairs(pairs.volumes(dtype=torch.uint8), vqae.downsampling, flip=cfg.augment_flip,
                             shift=cfg.augment_shift)[len(pairs.cases):]  # fmt: skip
     extra = encode_volumes(vqae, volumes, device, profile.vqae.encode_batch, amp=profile.vqae.amp)
-    names = []
-    for mirrored in (False, True) if cfg.augment_flip else (False,):
-        for axes in SHIFT_SETS[cfg.augment_shift]:
-            tag = ":".join(
-                (["flip"] if mirrored else []) + ([f"shift-{''.join(map(str, axes))}"] if any(axes) else [])
-            )
-            names += [f"{c}:{tag}" if tag else c for c in pairs.cases]
-    names = names[len(pairs.cases) :]
+    versions = augment_versions(cfg.augment_flip, cfg.augment_shift)[1:]  # the originals are tokens.pt
+    names = [f"{c}:{tag}" for _, _, tag in versions for c in pairs.cases]
     return Tokens(
         torch.cat([tokens.tokens, extra]), list(tokens.cases) + names, tokens.grid, tokens.codebook_size
     )

@@ -186,15 +186,20 @@ def test_evaluate_on_real_ci_pairs(prepared_ci, tmp_path):
     assert result["summary_104_113"]["n_pairs"] == len([c for c in test.cases if c in BENCHMARK_TEST_CASES])
 
 
-def test_tta_lowers_tre_on_a_real_pair(prepared_ci):
-    """From a freshly initialised network, a few TTA iterations on one real ci pair reduce its TRE."""
+def one_test_pair(prepared, case="054"):
+    """One prepared ci test pair as a PairSet, with its landmarks."""
     from regdiff_core.data import PairSet, load_landmarks, load_pairs
 
+    test = load_pairs(prepared.profile, prepared.work_dir, "test")
+    i = test.cases.index(case)
+    one = PairSet([case], test.fixed[i : i + 1], test.moving[i : i + 1], test.spacing[i : i + 1])
+    return one, load_landmarks(prepared.profile, prepared.data_dir, [case])
+
+
+def test_tta_lowers_tre_on_a_real_pair(prepared_ci):
+    """From a freshly initialised network, a few TTA iterations on one real ci pair reduce its TRE."""
     profile = prepared_ci.profile  # registration at 32×26×32
-    test = load_pairs(profile, prepared_ci.work_dir, "test")
-    i = test.cases.index("054")
-    one = PairSet(["054"], test.fixed[i : i + 1], test.moving[i : i + 1], test.spacing[i : i + 1])
-    one_lms = load_landmarks(profile, prepared_ci.data_dir, ["054"])
+    one, one_lms = one_test_pair(prepared_ci)
     torch.manual_seed(0)
     model = R.build_registration(profile.registration)
     ev = M.evaluate_model(
@@ -419,13 +424,8 @@ def test_seed_claim_counts_only_differences_beyond_the_seed_spread():
 def test_tta_curve_matches_separate_tta_runs_and_dice_gain_is_warped_minus_initial(prepared_ci):
     """Each milestone of tta_curve equals an evaluate_model run with that many TTA steps (0 = the network);
     dice_gain is Dice after warping minus Dice before, per pair."""
-    from regdiff_core.data import PairSet, load_landmarks, load_pairs
-
     profile = prepared_ci.profile
-    test = load_pairs(profile, prepared_ci.work_dir, "test")
-    i = test.cases.index("054")
-    one = PairSet(["054"], test.fixed[i : i + 1], test.moving[i : i + 1], test.spacing[i : i + 1])
-    lms = load_landmarks(profile, prepared_ci.data_dir, ["054"])
+    one, lms = one_test_pair(prepared_ci)
     torch.manual_seed(0)
     model = R.build_registration(profile.registration)
     cpu = torch.device("cpu")
