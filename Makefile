@@ -122,7 +122,7 @@ release-check: install
 	REGDIFF_RELEASE_CHECK=1 $(VENV)/bin/pytest -q tests/test_repo.py -k "release or badge or version or repository"
 
 gpu-check: install
-	$(PY) -m regdiff_core.gpu_check --out _build/gpu_check.json
+	$(PY) -m regdiff_core.bench --out _build/gpu_check.json
 
 # The gpu profile on one GPU: executed notebooks, work files and metrics in their own folder, so the ci
 # book and its metrics are left alone. Expected cost: see book/profiles.md (an estimate, not measured).

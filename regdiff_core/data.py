@@ -868,39 +868,6 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# CLI: python -m regdiff_core prepare --profile ci [--base-url URL]
-# --------------------------------------------------------------------------------------------------
-
-
-def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser(
-        "prepare", parents=[common], help="download the pairs and landmarks, cache them prepared (chapter 1)"
-    )
-    p.add_argument(
-        "--base-url",
-        default=None,
-        help="URL prefix of a mirror that replaces the upstream one (default: $REGDIFF_DATA_URL or upstream)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cli_prepare)
-
-
-def _cli_prepare(args, profile) -> int:
-    # DataError, FileNotFoundError and DownloadError become "error: …" and exit status 2 in cli.main
-    result = prepare(
-        profile, args.data_dir, args.work_dir, base_url=args.base_url, progress=not args.no_progress
-    )
-    for split, path, n in (
-        ("train", result.train_path, result.n_train),
-        ("test", result.test_path, result.n_test),
-    ):
-        how = "cached" if split in result.cached else "prepared"
-        print(f"{split}: {n} pairs at {'×'.join(map(str, result.shape))} {how} in {path}")
-    print(f"done in {result.seconds:.1f} s")
-    return 0
-
-
-# --------------------------------------------------------------------------------------------------
 # Plotting helpers (reused by later chapters). Images: the projected/sliced axes are shown with the
 # lower-numbered remaining axis horizontal and the other one vertical, origin at the bottom left, so a
 # voxel index (u, v) is drawn at x = u, y = v and landmark scatters line up with the pixels.
@@ -1135,7 +1102,6 @@ __all__ = [
     "pad_crop_to_canonical",
     "prepare",
     "profile_to_canonical",
-    "register_cli",
     "seed_crop",
     "slice_viewer",
     "plot_landmarks",

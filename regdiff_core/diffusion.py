@@ -28,7 +28,7 @@ What is here:
 - :func:`fill_in`, :func:`evaluate_loss` — one-shot predictions and a held-out loss, for the chapter.
 - :func:`paper_tokens` — the paper's own 97 token grids (from its release, codebook 1024, 16×13×16) as a
   training set and a held-out set, so the denoiser can be trained on the paper's real training data.
-- :func:`gpu_benchmark` — paper-size timings for ``make gpu-check``.
+- :func:`train_step` — one optimisation step (what :mod:`regdiff_core.bench` times for ``make gpu-check``).
 
 Where this differs from the seed (``unleashing_utils.py`` of the paper's code). The ``paper`` profile
 sets ``dropout`` and ``loss_norm`` to the seed's values; the other profiles use the improvements:
@@ -78,7 +78,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from regdiff_core import distributed
-from regdiff_core.config import DiffusionConfig, Profile, get_profile
+from regdiff_core.config import DiffusionConfig, Profile
 from regdiff_core.training import CheckpointError, load_weights, read_checkpoint, train_loop
 from regdiff_core.utils import atomic_torch_save, atomic_write_text, autocast, count_parameters
 
@@ -359,6 +359,30 @@ def training_tokens(profile: Profile, work_dir: str | Path, device: torch.device
     )
 
 
+def train_step(
+    net: torch.nn.Module,
+    x_0: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    cfg: DiffusionConfig,
+    mask_id: int,
+    amp: bool,
+) -> DiffusionLoss:
+    """One optimisation step on a batch of token sequences ``x_0`` (B, N): draw t, mask, predict, and
+    step on the weighted ELBO (:func:`weighted_elbo_loss`). The scheduler and EMA stay with the caller
+    (:func:`train_denoiser`, and :mod:`regdiff_core.bench`, which times this very function)."""
+    t = sample_t(len(x_0), cfg.T, device=x_0.device)
+    x_t, mask = q_sample(x_0, t, mask_id)
+    with autocast(x_0.device, amp):
+        logits = net(x_t)
+    out = weighted_elbo_loss(logits, x_0, mask, t, norm=cfg.loss_norm)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(out.loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return out
+
+
 class DiffusionRun(NamedTuple):
     """What :func:`train_denoiser` returns. ``denoiser`` is in eval mode; ``ema`` the EMA copy or None."""
 
@@ -488,15 +512,7 @@ def train_denoiser(
         else:
             idx = torch.randint(0, n_grids, (batch,))
         x_0 = x_all[idx.to(device)]
-        t = sample_t(batch, cfg.T, device=device)
-        x_t, mask = q_sample(x_0, t, denoiser.mask_id)
-        with autocast(device, use_amp):
-            logits = net(x_t)
-        out = weighted_elbo_loss(logits, x_0, mask, t, norm=cfg.loss_norm)
-        optimiser.zero_grad(set_to_none=True)
-        scaler.scale(out.loss).backward()
-        scaler.step(optimiser)
-        scaler.update()
+        out = train_step(net, x_0, optimiser, scaler, cfg, denoiser.mask_id, use_amp)
         lr = optimiser.param_groups[0]["lr"]
         scheduler.step()
         if ema is not None:
@@ -937,180 +953,3 @@ def plot_token_grids(grids, titles, mask_id: int, axis: int = 1, size: float = 2
         ax.set_xticks([])
         ax.set_yticks([])
     return fig
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI and GPU check
-# --------------------------------------------------------------------------------------------------
-
-
-def register_cli(subparsers, common) -> None:
-    from regdiff_core.vqae import PAPER_TOKENS_FILE  # the CLI imports every stage module anyway
-
-    p = subparsers.add_parser(
-        "train-diffusion",
-        parents=[common],
-        help="chapter 3: train the absorbing-diffusion denoiser on tokens.pt (or the paper's own tokens)",
-        description=(
-            "Train the denoiser. --tokens work (default) uses chapter 2's work_dir/tokens.pt and writes "
-            "work_dir/diffusion/. --tokens paper-release uses the paper's own 97 token grids "
-            f"(data_dir/unleashing-registration/{PAPER_TOKENS_FILE}, codebook 1024, 16x13x16), "
-            f"so no VQ-AE is trained first, and writes work_dir/{PAPER_TOKENS_DIR}/. That gives the "
-            "paper's diffusion model and token samples from it; it cannot give volumes, synthetic pairs "
-            "or registration: the paper's VQ-AE that decodes the tokens is not released."
-        ),
-    )
-    p.add_argument(
-        "--tokens", choices=("work", "paper-release"), default="work",
-        help="which token grids to train on (default: work = chapter 2's tokens.pt)",
-    )  # fmt: skip
-    p.add_argument(
-        "--heldout", type=int, default=0,
-        help="with --tokens paper-release: keep the last N grids aside and report their loss (default 0)",
-    )  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cli_train)
-
-
-def _cli_train(args, profile: Profile) -> int:
-    from regdiff_core.utils import resolve_device, seed_everything
-
-    device = resolve_device(args.device)
-    seed_everything(args.seed)
-    tokens, out_dir, heldout = None, None, None
-    if args.tokens == "paper-release":
-        from regdiff_core.vqae import codebook_usage
-
-        split = paper_tokens(args.data_dir, heldout=args.heldout)
-        tokens, heldout = split.train, split.heldout
-        out_dir = Path(args.work_dir) / PAPER_TOKENS_DIR
-        use = codebook_usage(tokens, "paper")
-        print(
-            f"[train-diffusion] the paper's token grids: {len(tokens.tokens)} for training, "
-            f"{len(heldout.tokens)} held out; {use['codes used']} of {use['codebook K']} codes used, "
-            f"perplexity {use['perplexity']:.1f}. The paper's VQ-AE is not released: these tokens train "
-            "and sample a denoiser, but cannot be decoded to volumes."
-        )
-    elif args.heldout:
-        raise SystemExit("train-diffusion: --heldout needs --tokens paper-release")
-    run = train_denoiser(
-        profile, Path(args.work_dir), device, tokens=tokens, out_dir=out_dir, progress=not args.no_progress
-    )
-    last = run.history[-1] if run.history else {}
-    print(
-        f"[train-diffusion] profile={profile.name} params={run.params:,} steps={len(run.history)} "
-        f"final loss={last.get('loss', float('nan')):.4f} bits/token → {run.model_path}"
-    )
-    if heldout is not None and len(heldout.tokens):
-        x = heldout.tokens.reshape(len(heldout.tokens), -1)
-        ev = evaluate_loss(
-            run.denoiser, x, profile.diffusion.T, generator=torch.Generator().manual_seed(args.seed)
-        )
-        print(
-            f"[train-diffusion] held-out ({len(x)} grids): loss {ev['loss']:.4f}, ELBO {ev['elbo']:.4f} "
-            f"bits/token, accuracy {ev['accuracy']:.3f}"
-        )
-    return 0
-
-
-def gpu_benchmark(device: torch.device, small: bool = False) -> dict[str, Any]:
-    """Paper-size timings: sampling 2 pairs at T = 256 steps including the VQ-AE decode; one batch of 64
-    pairs at 256 steps (decoded 4 at a time), scaled to the 256 pairs chapter 4 samples; and one
-    training step (batch 8, AMP on CUDA). Random weights: the cost does not depend on them.
-
-    ``small=True``: the same code at toy sizes (CPU smoke test).
-    """
-    from regdiff_core.vqae import build_vqae
-
-    profile = get_profile("paper")
-    cfg, vqae_cfg, grid = profile.diffusion, profile.vqae, token_grid(profile)
-    if small:  # a few seconds on a CPU: tiny networks on a 4×4×4 token grid (8³ voxels)
-        cfg = dataclasses.replace(cfg, n_layers=1, width=16, n_heads=2, ff=32, T=8, batch_size=2)
-        vqae_cfg = dataclasses.replace(
-            vqae_cfg, channels=(4, 8), strides=(1, 2), embed_dim=8, codebook_size=16
-        )
-        grid = (4, 4, 4)
-    vqae = build_vqae(vqae_cfg).to(device).eval()
-    denoiser = build_denoiser(cfg, vqae_cfg.codebook_size, grid).to(device).eval()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
-    gen = torch.Generator().manual_seed(0)
-    n_pairs = 2
-    # warm-up: kernels, cuDNN autotuning and allocator, outside the timing
-    sample_tokens(denoiser, n_pairs, steps=2, batch_size=n_pairs, generator=gen, amp=cfg.amp)
-    with torch.no_grad(), autocast(device, cfg.amp):
-        vqae.decode(torch.zeros(n_pairs, *grid, dtype=torch.long, device=device))
-    sync()
-    t0 = time.perf_counter()
-    samples = sample_tokens(denoiser, n_pairs, steps=cfg.T, temperature=profile.sampling.temperature,
-                            batch_size=n_pairs, generator=gen, amp=cfg.amp)  # fmt: skip
-    sync()
-    t1 = time.perf_counter()
-    with torch.no_grad(), autocast(device, cfg.amp):
-        volumes = vqae.decode(samples.tokens.to(device)).float()
-    sync()
-    t2 = time.perf_counter()
-    del volumes
-    # 256 pairs as chapter 4 samples them for real, in large batches: one batch of `big` pairs timed at
-    # T steps (tokens, then decoding them `decode_batch` at a time), scaled to 256 pairs
-    big, decode_batch, n_total = (4, 2, 8) if small else (64, 4, profile.sampling.n_pairs)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    sync()
-    b0 = time.perf_counter()
-    many = sample_tokens(denoiser, big, steps=cfg.T, temperature=profile.sampling.temperature,
-                         batch_size=big, generator=gen, amp=cfg.amp)  # fmt: skip
-    sync()
-    b1 = time.perf_counter()
-    with torch.no_grad(), autocast(device, cfg.amp):
-        for chunk in many.tokens.split(decode_batch):
-            vqae.decode(chunk.to(device)).float()
-    sync()
-    b2 = time.perf_counter()
-    peak_big = round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None
-    del vqae
-    large_batches = {
-        "batch_size": big,
-        "decode_batch": decode_batch,
-        "tokens_seconds": round(b1 - b0, 3),
-        "decode_seconds": round(b2 - b1, 3),
-        "seconds_per_pair": round((b2 - b0) / big, 4),
-        "n_pairs": n_total,
-        "estimated_n_pairs_seconds": round((b2 - b0) * n_total / big, 1),  # seconds_per_pair × n_pairs
-        "peak_memory_gb": peak_big,
-    }
-    # one training step (after one warm-up step)
-    denoiser.train()
-    optimiser = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    x_0 = torch.randint(0, vqae_cfg.codebook_size, (cfg.batch_size, math.prod(grid)), device=device)
-    times = []
-    for _ in range(2):
-        sync()
-        s0 = time.perf_counter()
-        t = sample_t(cfg.batch_size, cfg.T, device=device)
-        x_t, mask = q_sample(x_0, t, denoiser.mask_id)
-        with autocast(device, use_amp):
-            logits = denoiser(x_t)
-        loss = weighted_elbo_loss(logits, x_0, mask, t, norm=cfg.loss_norm).loss
-        optimiser.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimiser)
-        scaler.update()
-        sync()
-        times.append(time.perf_counter() - s0)
-    return {
-        "params": count_parameters(denoiser),
-        "grid": list(grid),
-        "steps": cfg.T,
-        "sample_2_pairs_seconds": round(t2 - t0, 3),
-        "sample_tokens_seconds": round(t1 - t0, 3),
-        "decode_2_pairs_seconds": round(t2 - t1, 3),
-        "network_calls": samples.network_calls,
-        "sample_large_batches": large_batches,
-        "train_step_seconds": round(times[-1], 4),
-        "train_batch": cfg.batch_size,
-        "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
-        if device.type == "cuda"
-        else None,
-    }

@@ -871,7 +871,7 @@ def dice_gain(
 
 
 # --------------------------------------------------------------------------------------------------
-# CLI: python -m regdiff_core evaluate --checkpoint C|identity --tta N --json OUT
+# Per-landmark results in the shape of the paper's CSVs
 # --------------------------------------------------------------------------------------------------
 
 
@@ -910,93 +910,3 @@ def checkpoint_label(model, checkpoint: str) -> tuple[str, str | None]:
         if name == released:
             return f"released {key}", key
     return Path(checkpoint).stem, None
-
-
-def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser(
-        "evaluate", parents=[common], help="chapter 6: TRE, Dice, folding and IC error on the test pairs"
-    )
-    p.add_argument(
-        "--checkpoint",
-        default="real_all",
-        help="(default real_all) a regime name (work_dir/registration/<regime>/model.pt), a model file, a released "
-        "regnets_state_*.pth, or 'identity'",
-    )
-    p.add_argument("--tta", type=int, default=None, help="TTA iterations (default: the profile's)")
-    p.add_argument("--json", type=str, default=None, help="write per-case results and the summary here")
-    p.add_argument(
-        "--csv", type=str, default=None,
-        help="write the per-landmark TRE here, in the shape of the paper's result CSVs (initial, network, TTA)",
-    )  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cli_evaluate)
-
-
-def _cli_evaluate(args, profile: Profile) -> int:
-    import json
-
-    from regdiff_core import distributed
-    from regdiff_core.data import load_landmarks, load_pairs
-    from regdiff_core.registration import load_registration
-    from regdiff_core.utils import resolve_device, seed_everything
-
-    seed_everything(args.seed)
-    device = resolve_device(args.device)
-    test = load_pairs(profile, args.work_dir, "test")
-    landmarks = load_landmarks(profile, args.data_dir, test.cases)
-    model = None
-    if args.checkpoint != "identity":
-        model = load_registration(profile, args.work_dir, args.checkpoint, device)
-    label, regime = checkpoint_label(model, args.checkpoint)
-    tta = profile.evaluation.tta_iterations if args.tta is None else args.tta
-    # torchrun: each rank evaluates its share of the test pairs; rank 0 gets them all back and reports
-    evaluation = distributed.evaluate_split(lambda t, lm: evaluate_model(
-        profile, model, t, lm, name=label, tta_iterations=tta, device=device, progress=not args.no_progress,
-    ), test, landmarks)  # fmt: skip
-    if not distributed.is_main():
-        return 0
-    try:  # the paper's numbers on the same pairs, from its result CSVs
-        counts = [len(f) for f in load_landmarks(profile, args.data_dir, ALL_TEST_CASES).canonical_fixed]
-        paper = paper_results(args.data_dir, counts)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"(the paper's numbers are not shown: {err})")
-        paper = None
-    split = [c for c in BENCHMARK_TEST_CASES if c in test.cases]
-    tables = {"all": comparison_rows({regime or label: evaluation}, paper, test.cases)}
-    if split:
-        tables["104_113"] = comparison_rows({regime or label: evaluation}, paper, split)
-    result = {
-        "checkpoint": args.checkpoint,
-        "label": label,
-        "regime": regime,
-        "profile": profile.name,
-        "test_cases": list(test.cases),
-        "tta_iterations": evaluation.tta_iterations,
-        "summary": evaluation.summary(),
-        "summary_104_113": evaluation.summary(BENCHMARK_TEST_CASES),
-        "comparison": tables["all"],
-        "comparison_104_113": tables.get("104_113"),
-        "per_case": evaluation.per_case_rows(),
-        "seconds": evaluation.seconds,
-    }
-    print(markdown_table(evaluation.per_case_rows()))
-    n_all = evaluation.summary()["n_landmarks"]
-    print(
-        f"\n{label}, mean TRE over {len(test)} test pairs ({n_all} landmarks); paper: the same pairs in its CSVs"
-    )
-    print(markdown_table(tables["all"]))
-    if split:
-        n_split = evaluation.summary(split)["n_landmarks"]
-        print(f"\nbenchmark test split 104–113: {len(split)} of its 10 pairs here ({n_split} landmarks)")
-        print(markdown_table(tables["104_113"]))
-    s = result["summary"]
-    print(f"\nmean TRE: initial {s['tre_initial']:.2f} mm, network {s['tre_net']:.2f} mm", end="")
-    print(f", after {tta} TTA iterations {s['tre_tta']:.2f} mm" if s.get("tre_tta") is not None else "")
-    if args.json:
-        from regdiff_core.utils import _jsonable
-
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(_jsonable(result), indent=2) + "\n")
-    if args.csv:
-        print(f"per-landmark TRE → {write_per_landmark_csv(evaluation, args.csv)}")
-    return 0

@@ -83,12 +83,11 @@ from regdiff_core import distributed
 from regdiff_core.config import (
     CANONICAL_SHAPE,
     RELEASE_TRAIN_CASES,
-    EvaluationConfig,
     Profile,
     RegistrationConfig,
 )
 from regdiff_core.training import CheckpointError, load_weights, read_checkpoint, train_loop
-from regdiff_core.utils import atomic_torch_save, autocast, count_parameters, timer
+from regdiff_core.utils import atomic_torch_save, autocast
 
 # --------------------------------------------------------------------------------------------------
 # The displacement convention (see the module docstring) and the operations built on it.
@@ -908,91 +907,3 @@ def slice_field(ddf: torch.Tensor, axis: int, index: int) -> torch.Tensor:
     """The in-plane components of a 3D field (3, H, W, D) on slice ``index`` of ``axis`` → (2, ·, ·)."""
     keep = [c for c in range(3) if c != axis]
     return ddf.select(axis + 1, index)[keep]
-
-
-# --------------------------------------------------------------------------------------------------
-# GPU check and CLI.
-# --------------------------------------------------------------------------------------------------
-
-
-def gpu_benchmark(device: torch.device, small: bool = False) -> dict[str, Any]:
-    """One paper-size training iteration (batch 8 at 128×104×128) and one TTA iteration (batch 1).
-
-    ``small=True``: tiny sizes (a CPU smoke test). Returns seconds per iteration and peak memory (GB, CUDA only).
-    """
-    cfg = RegistrationConfig()
-    grid, batch = (128, 104, 128), cfg.batch_size
-    if small:
-        cfg = dataclasses.replace(cfg, channels=(4, 8, 8, 8, 8, 8))
-        grid, batch = (24, 16, 24), 2
-    model = build_registration(cfg).to(device)
-    optimizers = make_optimizers(model, cfg.lr)
-    amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=amp) if amp else None
-    gen = torch.Generator().manual_seed(0)
-    # smooth random blobs as stand-in masks
-    A = to_grid((torch.rand(batch, 1, *(g // 4 for g in grid), generator=gen) > 0.7).float(), grid).to(device)
-    B = torch.roll(A, shifts=2, dims=2)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    greedy_iteration(model, optimizers, A, B, scaler, amp)  # warm-up (cuDNN autotuning, allocations)
-    sync()
-    with timer() as t_train:
-        greedy_iteration(model, optimizers, A, B, scaler, amp)
-        sync()
-    peak_train = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with timer() as t_tta:
-        test_time_adapt(model, A[:1], B[:1], 1, EvaluationConfig().tta_lr, amp)
-        sync()
-    peak_tta = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
-    return {
-        "grid": list(grid),
-        "batch_size": batch,
-        "parameters_per_net": count_parameters(model.nets[0]),
-        "train_iteration_seconds": t_train["seconds"],
-        "train_peak_memory_gb": peak_train,
-        "tta_iteration_seconds": t_tta["seconds"],
-        "tta_peak_memory_gb": peak_tta,
-        "amp": amp,
-    }
-
-
-def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser(
-        "train-registration", parents=[common], help="chapter 5: train the two-step registration network"
-    )
-    p.add_argument(
-        "--regime", default=None, choices=sorted(REGIMES), help="which training pairs (default: every regime)"
-    )
-    p.add_argument(
-        "--runs", type=int, default=None,
-        help="training runs (seeds --seed, --seed + 1, …) per regime (default: registration.seeds for the "
-        "regimes in registration.seed_regimes, else 1); run k > 0 writes registration/<regime>-run<k>/",
-    )  # fmt: skip
-    p.set_defaults(func=_cli_train)
-
-
-def _cli_train(args, profile: Profile) -> int:
-    from regdiff_core.utils import resolve_device, seed_everything
-
-    device = resolve_device(args.device)
-    if args.runs is not None and args.runs < 1:
-        raise SystemExit(f"train-registration: --runs must be >= 1, got {args.runs}")
-    runs = regime_runs(profile)
-    for regime in [args.regime] if args.regime else profile.registration.regimes:
-        for run in range(args.runs if args.runs is not None else runs.get(regime, 1)):
-            seed_everything(args.seed + run)
-            result = train_regime(profile, regime, Path(args.work_dir), device, run=run)
-            last = result.history[-1]["loss"] if result.history else float("nan")
-            print(
-                f"{run_name(regime, run)}: {result.n_pairs} pairs, final loss {last:.4f}, "
-                f"{result.seconds:.1f} s → {result.path}"
-            )
-    return 0

@@ -819,48 +819,6 @@ def plot_gallery(
     return fig
 
 
-# --------------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------------
-
-
-def register_cli(subparsers, common) -> None:
-    p = subparsers.add_parser(
-        "sample", parents=[common], help="chapter 4: sample synthetic pairs and export npz + nii.gz"
-    )
-    p.add_argument(  # --n-pairs too: under torchrun, --n is taken for an abbreviation of its --nnodes
-        "--n",
-        "--n-pairs",
-        dest="n",
-        type=int,
-        default=None,
-        help="number of pairs (default: sampling.n_pairs)",
-    )
-    p.add_argument("--out", type=str, default=None, help="output folder (default: <work-dir>/synthetic)")
-    p.add_argument("--no-nifti", action="store_true", help="write only the npz files")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cli_sample)
-
-
-def _cli_sample(args, profile: Profile) -> int:
-    from regdiff_core.utils import resolve_device, seed_everything
-
-    device = resolve_device(args.device)
-    seed_everything(args.seed)
-    report = sample_to_disk(
-        profile, Path(args.work_dir), device, n=args.n, out_dir=args.out, seed=args.seed,
-        nifti=False if args.no_nifti else None, progress=not args.no_progress,
-    )  # fmt: skip
-    print(
-        f"[sample] {report.n} pairs → {report.out_dir} ({report.seconds_per_pair:.2f} s per pair sampling + "
-        f"decoding, {report.network_calls} denoiser calls, export {report.seconds_export:.1f} s)"
-    )
-    if args.out is None:  # the reference set of the `reconstructions` regime, beside the synthetic pairs
-        recon = write_reconstructions(profile, Path(args.work_dir), device)
-        print(f"[sample] {len(recon)} VQ-AE reconstructions of the training pairs → {recon[0].parent}")
-    return 0
-
-
 def summarise(values: torch.Tensor) -> dict[str, float]:
     """mean, std, min, max of a 1-D tensor as plain floats (for tables and metrics)."""
     v = values.double()

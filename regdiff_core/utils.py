@@ -166,17 +166,17 @@ def metrics_dir() -> Path:
     return root / "_build" / "metrics"
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, np.generic):
-        return _jsonable(value.item())
+        return jsonable(value.item())
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Path):
@@ -193,7 +193,7 @@ def write_metrics(notebook: str, metrics: dict[str, Any], directory: Path | None
     directory = Path(directory) if directory is not None else metrics_dir()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{notebook}.json"
-    return atomic_write_text(path, json.dumps(_jsonable(metrics), indent=2, sort_keys=True) + "\n")
+    return atomic_write_text(path, json.dumps(jsonable(metrics), indent=2, sort_keys=True) + "\n")
 
 
 def read_metrics(notebook: str, directory: Path | None = None) -> dict[str, Any]:
@@ -371,7 +371,7 @@ def summary_table(metrics: dict[str, Any], collapsed: bool = True) -> str:
     """
 
     def fmt(v: Any) -> str:
-        v = _jsonable(v)
+        v = jsonable(v)
         if v is None:
             return "—"
         if isinstance(v, bool):

@@ -612,6 +612,45 @@ def plot_motion_kept(cases, kept: MotionKept, ax=None):
     return axes
 
 
+class VQAEStep(NamedTuple):
+    """What one :func:`train_step` computed: the optimised ``loss``, its ``ce`` part, the network's output."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    out: VQAEOutput
+
+
+def train_step(
+    net: torch.nn.Module,
+    x: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    cfg: VQAEConfig,
+    class_weights: torch.Tensor,
+    amp: bool,
+    amp_dtype: torch.dtype = torch.float16,
+) -> VQAEStep:
+    """One optimisation step on a batch of patches ``x`` (B, 2, *patch) in {0, 1}, on ``net``'s device.
+
+    L = ½·CE(fixed) + ½·CE(moving) + ``codebook_weight`` · L_codebook; mixed precision (``amp_dtype``)
+    on CUDA when ``amp``. ``cfg.batch_size`` is the global batch (under torchrun ``x`` is this rank's share).
+    The scheduler, codebook statistics and logging stay with the caller (:func:`train_vqae`, and
+    :mod:`regdiff_core.bench`, which times this very function).
+    """
+    from regdiff_core.utils import autocast
+
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(x.device, amp, amp_dtype):
+        out = net(x)
+        ce = paired_cross_entropy(out.logits, x, class_weights, cfg.batch_size)
+        # L = ½CE(fixed) + ½CE(moving) + 0.1 · L_codebook
+        loss = ce + cfg.codebook_weight * out.codebook_loss
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return VQAEStep(loss, ce, out)
+
+
 @dataclasses.dataclass
 class VQAETrainResult:
     """``history``: one dict per step (loss, ce, codebook_loss, dice, lr; on logging steps also
@@ -651,7 +690,7 @@ def train_vqae(
     ``model_step<k>.pt`` (:func:`snapshot_path`); saving changes nothing in the run.
     """
     from regdiff_core.training import train_loop
-    from regdiff_core.utils import autocast, count_parameters
+    from regdiff_core.utils import count_parameters
 
     iterations = cfg.iterations if iterations is None else iterations
     n_steps = iterations if stop_after is None else min(stop_after, iterations)
@@ -672,15 +711,7 @@ def train_vqae(
         x = sample_patches(volumes, batch, cfg.patch_size)
         with torch.no_grad():
             x = random_affine(x.to(device), cfg.affine_sigma)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, use_amp):
-            out = net(x)
-            ce = paired_cross_entropy(out.logits, x, class_weights, cfg.batch_size)
-            # L = ½CE(fixed) + ½CE(moving) + 0.1 · L_codebook
-            loss = ce + cfg.codebook_weight * out.codebook_loss
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss, ce, out = train_step(net, x, optimizer, scaler, cfg, class_weights, use_amp)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         with torch.no_grad():
@@ -968,117 +999,3 @@ def plot_codebook_usage(tokens: torch.Tensor, codebook_size: int, ax=None):
     ax.set_title(f"{used} of {codebook_size} codes occur in {tokens.numel()} tokens")
     ax.figure.tight_layout()
     return ax.figure
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI and GPU check
-# --------------------------------------------------------------------------------------------------
-
-
-def register_cli(subparsers, common) -> None:
-    batch_help = (
-        "whole volumes per encoder/decoder call (default: vqae.encode_batch); 1 halves the memory of 2"
-    )
-    p = subparsers.add_parser("train-vqae", parents=[common], help="chapter 2: train the paired VQ-AE")
-    p.add_argument("--batch-size", type=int, default=None, help=f"test reconstruction: {batch_help}")
-    p.set_defaults(func=_cli_train)
-    p = subparsers.add_parser(
-        "encode", parents=[common], help="chapter 2: encode the training pairs to tokens"
-    )
-    p.add_argument("--split", default="train", choices=("train", "test"), help="which prepared pairs (train)")
-    p.add_argument("--batch-size", type=int, default=None, help=batch_help)
-    p.set_defaults(func=_cli_encode)
-
-
-def _cli_train(args, profile: Profile) -> int:
-    from regdiff_core.data import load_pairs
-    from regdiff_core.utils import resolve_device
-
-    device = resolve_device(args.device)
-    result = train(profile, args.work_dir, device, args.seed)
-    if not distributed.is_main():  # torchrun: rank 0 alone judges and reports the model
-        return 0
-    test = load_pairs(profile, args.work_dir, "test")
-    batch = profile.vqae.encode_batch if args.batch_size is None else args.batch_size
-    rec = reconstruct(result.model, test.volumes(dtype=torch.uint8), device, batch, amp=profile.vqae.amp)
-    last = [h for h in result.history if "perplexity" in h][-1]
-    print(
-        f"train-vqae: {len(result.history)} steps, {result.params} AutoEncoder parameters; "
-        f"test Dice {float(rec.dice.mean()):.3f}; codes used {int(last['codebook_used'])}/"
-        f"{profile.vqae.codebook_size}, perplexity {last['perplexity']:.1f}; "
-        f"model → {model_path(args.work_dir)}"
-    )
-    return 0
-
-
-def _cli_encode(args, profile: Profile) -> int:
-    tokens = encode_pairs(profile, args.work_dir, args.device, split=args.split, batch_size=args.batch_size)
-    print(
-        f"encode: {len(tokens.cases)} pairs → tokens {tuple(tokens.tokens.shape)}, grid {tokens.grid}, "
-        f"{int(tokens.tokens.unique().numel())} distinct codes → {tokens_path(args.work_dir)}"
-    )
-    return 0
-
-
-def gpu_benchmark(device: torch.device, small: bool = False) -> dict:
-    """Paper-size AutoEncoder + quantiser forward+backward on 128³ patches, batch 2 and 8, fp16 and bf16.
-
-    Returns iterations per second and peak memory (GB, CUDA only) per setting; ``small=True``: toy sizes.
-    The seed reports ≈4.5 GB of GPU memory per sample at 128³.
-    """
-    import time
-
-    from regdiff_core.config import PROFILES
-    from regdiff_core.utils import autocast
-
-    cfg = PROFILES["paper"].vqae
-    patch, batches, warmup, timed = cfg.patch_size, (2, 8), 2, 5
-    if small:
-        cfg = dataclasses.replace(cfg, channels=(4, 8), strides=(2, 2), codebook_size=16, embed_dim=8)
-        patch, batches, warmup, timed = 16, (2,), 1, 1
-    model = build_vqae(cfg).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    weights = torch.tensor(cfg.class_weights, device=device)
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16} if device.type == "cuda" else {"fp32": None}
-    results: dict[str, Any] = {
-        "patch": patch,
-        "params_autoencoder": sum(p.numel() for p in model.autoencoder.parameters()),
-    }
-    for name, dtype in dtypes.items():
-        for b in batches:
-            x = (torch.rand(b, 2, *(patch,) * cfg.spatial_dims, device=device) > 0.9).float()
-            scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            key = f"{name}_batch{b}"
-            try:
-                for i in range(warmup + timed):
-                    if i == warmup:
-                        if device.type == "cuda":
-                            torch.cuda.synchronize(device)
-                        t0 = time.perf_counter()
-                    optimizer.zero_grad(set_to_none=True)
-                    with autocast(device, dtype is not None, dtype or torch.float16):
-                        out = model(x)
-                        loss = (
-                            paired_cross_entropy(out.logits, x, weights)
-                            + cfg.codebook_weight * out.codebook_loss
-                        )
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                seconds = (time.perf_counter() - t0) / timed
-                peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
-                results[key] = {
-                    "it_per_s": round(1 / seconds, 3),
-                    "samples_per_s": round(b / seconds, 3),
-                    "peak_memory_gb": None if peak is None else round(peak, 2),
-                    "peak_memory_gb_per_sample": None if peak is None else round(peak / b, 2),
-                }
-            except torch.OutOfMemoryError as err:
-                results[key] = {"error": f"out of memory: {err}".splitlines()[0]}
-            del x
-    return results

@@ -375,10 +375,10 @@ def test_prepared_landmarks_sit_on_prepared_vessels(prepared_ci):
 def test_prepare_again_uses_the_cache_and_cli(prepared_ci, mirror_url, capsys):
     import argparse
 
-    from regdiff_core.cli import common_parser, profile_from_args
+    from regdiff_core.cli import add_prepare, common_parser, profile_from_args
 
     parser = argparse.ArgumentParser()
-    data.register_cli(parser.add_subparsers(), common_parser())
+    add_prepare(parser.add_subparsers(), common_parser())
     dirs = ["--data-dir", str(prepared_ci.data_dir), "--work-dir", str(prepared_ci.work_dir)]
     args = parser.parse_args(["prepare", "--profile", "ci", *dirs, "--base-url", mirror_url, "--no-progress"])
     assert args.func(args, profile_from_args(args)) == 0

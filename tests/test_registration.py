@@ -324,7 +324,9 @@ def test_paper_parameters():
 
 
 def test_gpu_benchmark_small_runs_on_cpu():
-    out = R.gpu_benchmark(torch.device("cpu"), small=True)
+    from regdiff_core.bench import bench_registration
+
+    out = bench_registration(torch.device("cpu"), small=True)
     assert out["train_iteration_seconds"] > 0 and out["tta_iteration_seconds"] > 0
     assert out["train_peak_memory_gb"] is None
 
