@@ -257,6 +257,21 @@ def binarise(labels: np.ndarray | torch.Tensor) -> torch.Tensor:
     return (labels > 0).to(torch.uint8)
 
 
+def dice(a: torch.Tensor, b: torch.Tensor, dims: int | tuple[int, ...] | None = None) -> torch.Tensor:
+    """Dice 2|A∩B| / (|A| + |B|) of two masks (bool; any other dtype counts nonzero as inside), reduced
+    over ``dims`` (default: all) → float64; 1 where both masks are empty. The one Dice of the book:
+    every chapter calls this (or :func:`dice_from_counts`, for overlaps counted another way)."""
+    a, b = a.bool(), b.bool()
+    dims = tuple(range(a.ndim)) if dims is None else dims
+    return dice_from_counts((a & b).sum(dims), a.sum(dims), b.sum(dims))
+
+
+def dice_from_counts(overlap: torch.Tensor, size_a: torch.Tensor, size_b: torch.Tensor) -> torch.Tensor:
+    """Dice from voxel counts (|A∩B|, |A|, |B|, broadcastable) → float64; 1 where |A| + |B| = 0."""
+    total = size_a.double() + size_b.double()
+    return torch.where(total > 0, 2 * overlap.double() / total.clamp(min=1), torch.ones_like(total))
+
+
 def _max3(volume: torch.Tensor, axis: int) -> torch.Tensor:
     """1-D maximum of each voxel and its two neighbours along ``axis`` (zero outside the volume)."""
     n = volume.shape[axis]
@@ -862,11 +877,6 @@ def shapes_table(pairs: PairSet, split: str) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Rows of equal keys as a Markdown table, floats to 4 significant digits (see :func:`utils.markdown_table`)."""
-    return utils.markdown_table(rows)
-
-
 # --------------------------------------------------------------------------------------------------
 # Plotting helpers (reused by later chapters). Images: the projected/sliced axes are shown with the
 # lower-numbered remaining axis horizontal and the other one vertical, origin at the bottom left, so a
@@ -1094,6 +1104,8 @@ __all__ = [
     "block_reduce",
     "canonical_padding",
     "canonical_to_profile",
+    "dice",
+    "dice_from_counts",
     "dilate3",
     "load_canonical_pair",
     "load_label_volume",

@@ -52,8 +52,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from regdiff_core import utils
 from regdiff_core.config import ALL_TEST_CASES, BENCHMARK_TEST_CASES, CANONICAL_SHAPE, Profile
+from regdiff_core.data import dice
 from regdiff_core.registration import (
     TwoStepRegistration,
     compose,
@@ -118,14 +118,6 @@ def target_registration_error(
         moved = m + u_grid * per_voxel
     # TRE = ‖(f − (m + u(m)))·spacing‖
     return TRE(((f - m) * mm).norm(dim=-1), ((f - moved) * mm).norm(dim=-1), moved)
-
-
-def dice(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.5) -> float:
-    """Dice 2|A∩B| / (|A| + |B|) of two masks or probability maps (``> threshold``); 1.0 for two empty masks."""
-    a = a > threshold
-    b = b > threshold
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
@@ -290,7 +282,13 @@ def _map_metrics(
     ic = inverse_consistency_error(phi_AB, phi_BA, mm_per_voxel)
     # Dice at the profile resolution: warp the fixed mask by φ_AB resampled to that grid
     warped_A = warp(A_full.cpu(), resize_field(phi_AB, A_full.shape[2:]))
-    return MapMetrics(tre.registered.float(), stats.folding_percent, stats.sdlogj, ic, dice(warped_A, B_full))
+    return MapMetrics(
+        tre.registered.float(),
+        stats.folding_percent,
+        stats.sdlogj,
+        ic,
+        float(dice(warped_A > 0.5, B_full > 0.5)),
+    )
 
 
 def evaluate_model(
@@ -332,7 +330,10 @@ def evaluate_model(
         spacing = test.spacing[i]
         initial = target_registration_error(None, f, m, spacing).initial.float()
         row = CaseEvaluation(
-            case, initial, dice(A_full, B_full), _map_metrics(model, A, B, A_full, B_full, f, m, spacing)
+            case,
+            initial,
+            float(dice(A_full > 0.5, B_full > 0.5)),
+            _map_metrics(model, A, B, A_full, B_full, f, m, spacing),
         )
         if model is not None and tta_iterations > 0:
             adapted = test_time_adapt(model, A, B, tta_iterations, ev.tta_lr, amp, progress=progress)
@@ -600,11 +601,6 @@ def comparison_rows(
     return rows
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], digits: int = 2) -> str:
-    """Rows (dicts with equal keys) as a Markdown table; floats to ``digits`` decimals, None as "—"."""
-    return utils.markdown_table(rows, digits)
-
-
 def plot_tre_boxes(ax, evaluations: dict[str, Evaluation], initial: torch.Tensor | None = None) -> None:
     """Box plots of per-landmark TRE (mm): initial, then each model's network and TTA results."""
     data, labels = [], []
@@ -866,7 +862,10 @@ def dice_gain(
         B_full = (m_i.float() > threshold).float()[None, None]
         reg = model.register(to_grid(A_full, grid).to(device), to_grid(B_full, grid).to(device))
         warped = warp(A_full, resize_field(reg.phi_AB.float().cpu(), A_full.shape[2:]))
-        gains.append(dice(warped, B_full, threshold) - dice(A_full, B_full, threshold))
+        gains.append(
+            float(dice(warped > threshold, B_full > threshold))
+            - float(dice(A_full > threshold, B_full > threshold))
+        )
     return torch.tensor(gains, dtype=torch.float64)
 
 

@@ -41,8 +41,7 @@ Hand-written where a library has it
   ``Warp``/``DVF2DDF``: same arithmetic, but ``Warp`` rebuilds its reference grid on every call and
   normalises it axis by axis, which made each warp about 3× slower than the ``grid_sample`` inside it
   on CPU — and training warps dozens of times per iteration. The tests hold ours to MONAI's
-  (``monai_warp``, ``monai_exp_velocity``) and to the seed's ``disp_square`` (ported as
-  :func:`seed_scaling_and_squaring`) within 1e-4 voxels.
+  and to the seed's ``disp_square``, both kept in :mod:`regdiff_core.reference`, within 1e-4 voxels.
 * :func:`smooth_velocity`: the seed's average-pool cascade, which no library layer reproduces.
 * :func:`smoothness`: MONAI's ``BendingEnergyLoss`` is second order; the paper's penalty is the mean
   squared first difference in the seed's units.
@@ -68,7 +67,6 @@ import copy
 import dataclasses
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -76,7 +74,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.blocks import DVF2DDF, Warp
 from monai.networks.nets import UNet
 
 from regdiff_core import distributed
@@ -223,47 +220,6 @@ def warp_both(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A∘φ_A, B∘φ_B) in one batched :func:`warp` (zero padding), equal bit for bit to two calls."""
     return warp(torch.cat([A, B]), torch.cat([phi_A, phi_B])).chunk(2)
-
-
-def monai_exp_velocity(v: torch.Tensor, steps: int = 12) -> torch.Tensor:
-    """The same exponential with MONAI's ``DVF2DDF`` (border padding), for the tests."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample.*")
-        layer = DVF2DDF(num_steps=steps, mode="bilinear", padding_mode="border")
-    return layer(v)
-
-
-def monai_warp(image: torch.Tensor, ddf: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
-    """MONAI's ``Warp`` (bilinear), for the tests."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample.*")
-        layer = Warp(mode="bilinear", padding_mode=padding_mode)
-    return layer(image, ddf)
-
-
-def _seed_identity(field: torch.Tensor) -> torch.Tensor:
-    B, dim = field.shape[:2]
-    theta = torch.eye(dim, dim + 1, dtype=field.dtype, device=field.device).unsqueeze(0).expand(B, -1, -1)
-    return F.affine_grid(theta, [B, 1, *field.shape[2:]], align_corners=False)
-
-
-def seed_scaling_and_squaring(field: torch.Tensor, steps: int = 12) -> torch.Tensor:
-    """The seed's ``disp_square`` made device-agnostic and dimension-generic; seed units in and out.
-
-    Kept only as the reference the tests compare :func:`exp_velocity` with.
-    """
-    grid = _seed_identity(field)
-    perm = [0, *range(2, field.dim()), 1]
-    u = field / 2**steps
-    for _ in range(steps):
-        u = F.grid_sample(u, u.permute(perm) + grid, align_corners=False, padding_mode="border") + u
-    return u
-
-
-def seed_warp(image: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
-    """The seed's image warp: ``grid_sample(image, field + identity, align_corners=False)``, seed units."""
-    perm = [0, *range(2, field.dim()), 1]
-    return F.grid_sample(image, field.permute(perm) + _seed_identity(field), align_corners=False)
 
 
 # --------------------------------------------------------------------------------------------------

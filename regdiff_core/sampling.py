@@ -45,6 +45,7 @@ import torch
 
 from regdiff_core import distributed
 from regdiff_core.config import CANONICAL_SHAPE, Profile
+from regdiff_core.data import dice, dice_from_counts
 from regdiff_core.diffusion import Denoiser, TokenSamples, load_denoiser, sample_tokens, token_slice_rgb
 
 if TYPE_CHECKING:
@@ -484,14 +485,12 @@ def volume_fraction(masks: torch.Tensor) -> torch.Tensor:
 
 
 def pair_dice(masks: torch.Tensor) -> torch.Tensor:
-    """Dice between the fixed and the moving mask of each pair, (N, 2, H, W, D) bool → (N,).
+    """Dice between the fixed and the moving mask of each pair, (N, 2, H, W, D) bool → (N,) float64.
 
-    Dice = 2|F ∩ M| / (|F| + |M|); 1 for two empty masks. Low values mean much motion (or noise).
+    Dice = 2|F ∩ M| / (|F| + |M|) (:func:`regdiff_core.data.dice`); 1 for two empty masks. Low values
+    mean much motion (or noise).
     """
-    f, m = masks[:, 0].flatten(1), masks[:, 1].flatten(1)
-    inter = (f & m).sum(1).double()
-    total = (f.sum(1) + m.sum(1)).double()
-    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+    return dice(masks[:, 0], masks[:, 1], dims=tuple(range(1, masks.ndim - 1)))
 
 
 def dice_matrix(a: torch.Tensor, b: torch.Tensor, *, chunk: int = 1 << 20) -> torch.Tensor:
@@ -507,10 +506,7 @@ def dice_matrix(a: torch.Tensor, b: torch.Tensor, *, chunk: int = 1 << 20) -> to
     for s in range(0, a.shape[1], chunk):
         # |A ∩ B| = Σ_v a_v b_v
         inter += (a[:, s : s + chunk].float() @ b[:, s : s + chunk].float().T).double()
-    size_a = a.sum(1).double()[:, None]
-    size_b = b.sum(1).double()[None, :]
-    total = size_a + size_b
-    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+    return dice_from_counts(inter, a.sum(1)[:, None], b.sum(1)[None, :])
 
 
 class NearestNeighbour(NamedTuple):

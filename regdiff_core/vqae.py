@@ -55,6 +55,7 @@ from torch import nn
 
 from regdiff_core import distributed
 from regdiff_core.config import Profile, VQAEConfig
+from regdiff_core.data import dice
 from regdiff_core.training import CheckpointError, load_weights, read_checkpoint
 
 #: Architecture fields: a saved model must match the profile in these to be loadable.
@@ -549,15 +550,6 @@ def paired_cross_entropy(
     return 0.5 * terms[0] + 0.5 * terms[1]
 
 
-def dice(pred: torch.Tensor, target: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Dice = 2|P∩T| / (|P| + |T|) of binary masks, reduced over ``dims`` (default: all); 1 if both are empty."""
-    pred, target = pred.bool(), target.bool()
-    dims = dims if dims is not None else tuple(range(pred.ndim))
-    inter = (pred & target).sum(dims).double()
-    total = pred.sum(dims).double() + target.sum(dims).double()
-    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total)).float()
-
-
 class MotionKept(NamedTuple):
     """How much of the breathing motion between fixed and moving a reconstruction keeps (per pair, (N,)).
 
@@ -584,10 +576,10 @@ def motion_kept(x: torch.Tensor, probs: torch.Tensor, threshold: float = 0.5) ->
     dims = tuple(range(1, x.ndim - 1))
     f, m = x[:, 0].bool(), x[:, 1].bool()
     f_hat, m_hat = probs[:, 0] > threshold, probs[:, 1] > threshold
-    pair_in, pair_rec = dice(f, m, dims), dice(f_hat, m_hat, dims)
+    pair_in, pair_rec = dice(f, m, dims).float(), dice(f_hat, m_hat, dims).float()
     # ½[Dice(f̂, f) − Dice(f̂, m)] + ½[Dice(m̂, m) − Dice(m̂, f)]
-    contrast = 0.5 * (dice(f_hat, f, dims) - dice(f_hat, m, dims)) + 0.5 * (
-        dice(m_hat, m, dims) - dice(m_hat, f, dims)
+    contrast = 0.5 * (dice(f_hat, f, dims).float() - dice(f_hat, m, dims).float()) + 0.5 * (
+        dice(m_hat, m, dims).float() - dice(m_hat, f, dims).float()
     )
     return MotionKept(pair_in, pair_rec, 1 - pair_in, contrast)
 
@@ -716,7 +708,7 @@ def train_vqae(
         scheduler.step()
         with torch.no_grad():
             pred = torch.stack((out.logits[:, 0:2].argmax(1), out.logits[:, 2:4].argmax(1)), 1)
-            d = dice(pred, x > 0.5, dims=(0, *range(2, x.ndim)))  # per channel over the batch
+            d = dice(pred, x > 0.5, dims=(0, *range(2, x.ndim))).float()  # per channel over the batch
         row = {
             "loss": loss.item(),
             "ce": ce.item(),
@@ -870,7 +862,7 @@ def reconstruct(
     tokens = encode_volumes(model, volumes, device, batch_size, amp)
     probs = decode_tokens(model, tokens, device, batch_size, amp)
     spatial = tuple(range(2, volumes.ndim))
-    return Reconstruction(tokens, probs, dice(probs > 0.5, volumes > 0.5, dims=spatial))
+    return Reconstruction(tokens, probs, dice(probs > 0.5, volumes > 0.5, dims=spatial).float())
 
 
 class Baselines(NamedTuple):
@@ -893,8 +885,8 @@ def baseline_dice(volumes: torch.Tensor, downsampling: int) -> Baselines:
     pool = F.avg_pool3d if x.ndim == 5 else F.avg_pool2d
     pooled = F.interpolate(pool(x, downsampling), scale_factor=downsampling, mode="nearest")
     return Baselines(
-        all_vessel=dice(torch.ones_like(x, dtype=torch.bool), x > 0.5, dims=spatial),
-        pooled=dice(pooled > 0.5, x > 0.5, dims=spatial),
+        all_vessel=dice(torch.ones_like(x, dtype=torch.bool), x > 0.5, dims=spatial).float(),
+        pooled=dice(pooled > 0.5, x > 0.5, dims=spatial).float(),
     )
 
 

@@ -433,3 +433,22 @@ def test_input_record_takes_a_relative_data_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "nb")
     record = data.input_record([f], Path("../data/ds"))
     assert list(record) == ["case_1.nii.gz"] and record["case_1.nii.gz"][0] == 3
+
+
+def test_dice_by_hand():
+    pred = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]])
+    target = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0]])
+    assert data.dice(pred, target, dims=(1,)).tolist() == [0.5, 1.0]  # 2·1/(2+2); both empty → 1
+    assert data.dice(pred, target).item() == 0.5
+    a = torch.zeros(10, 10, 10)
+    b = torch.zeros(10, 10, 10)
+    a[:4] = 1  # 400 voxels
+    b[2:8] = 1  # 600 voxels, 200 shared
+    assert data.dice(a > 0.5, b > 0.5).item() == 2 * 200 / 1000
+    assert data.dice(a, a).item() == 1.0
+    assert data.dice(a * 0.4 > 0.5, a > 0.5).item() == 0.0  # probabilities: threshold them first
+    assert data.dice(a, b).dtype == torch.float64
+    # from counts, broadcast: |A∩B| = 1, |A| = 2, |B| ∈ {2, 0}
+    counts = data.dice_from_counts(torch.tensor([[1.0, 0.0]]), torch.tensor([[2]]), torch.tensor([[2, 0]]))
+    assert counts.tolist() == [[0.5, 0.0]]
+    assert data.dice_from_counts(torch.tensor(0), torch.tensor(0), torch.tensor(0)).item() == 1.0

@@ -79,16 +79,6 @@ def test_initial_tre_matches_the_paper_csv(mirror_dir):
 # ---------------------------------------------------------------------------------- Dice, Jacobian, IC
 
 
-def test_dice_by_hand():
-    a = torch.zeros(10, 10, 10)
-    b = torch.zeros(10, 10, 10)
-    a[:4] = 1  # 400 voxels
-    b[2:8] = 1  # 600 voxels, 200 shared
-    assert math.isclose(M.dice(a, b), 2 * 200 / 1000)
-    assert M.dice(a, a) == 1.0
-    assert M.dice(torch.zeros(3, 3), torch.zeros(3, 3)) == 1.0
-    assert M.dice(a * 0.4, a) == 0.0  # probabilities are thresholded at ½
-
 
 def test_jacobian_of_a_linear_map_is_exact():
     shape = (10, 12, 8)
@@ -152,11 +142,6 @@ def test_paper_results_are_read_from_the_csvs(mirror_dir):
     assert sum(keep) == 2982
     assert round(paper.mean(paper.initial, BENCHMARK_TEST_CASES), 2) == 16.17
     assert round(paper.mean(paper.tta["synthetic"], BENCHMARK_TEST_CASES), 2) == 2.66
-
-
-def test_markdown_table_formats_missing_values():
-    text = M.markdown_table([{"a": 1.234, "b": None}, {"a": 2.0, "b": "x"}])
-    assert text.splitlines() == ["| a | b |", "|---|---|", "| 1.23 | — |", "| 2.00 | x |"]
 
 
 # ---------------------------------------------------------------------------------- real ci pairs

@@ -137,3 +137,8 @@ def test_markdown_table_escapes_pipes_in_headers_and_values():
         "|---|---|",
         "| a\\|b | 1 |",
     ]
+
+
+def test_markdown_table_to_fixed_decimals_with_missing_values():
+    text = markdown_table([{"a": 1.234, "b": None}, {"a": 2.0, "b": "x"}], digits=2)
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| 1.23 | — |", "| 2.00 | x |"]

@@ -231,13 +231,6 @@ def test_paired_cross_entropy_by_hand():
     assert vqae.paired_cross_entropy(logits, x, w).item() == pytest.approx(0.5 * ce_fixed + 0.5 * ce_moving)
 
 
-def test_dice_by_hand():
-    pred = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]])
-    target = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0]])
-    assert vqae.dice(pred, target, dims=(1,)).tolist() == [0.5, 1.0]  # 2·1/(2+2); both empty → 1
-    assert vqae.dice(pred, target).item() == pytest.approx(0.5)
-
-
 def test_patches_come_from_one_place_in_both_volumes():
     torch.manual_seed(0)
     fixed = torch.arange(2 * 10 * 9 * 8, dtype=torch.float32).reshape(2, 10, 9, 8)
