@@ -405,13 +405,14 @@ def greedy_iteration(
     B: torch.Tensor,
     scaler: torch.amp.GradScaler | None = None,
     amp: bool = False,
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor]:
     """One optimisation iteration of both steps (greedy): update net 1, warp A and B half way, update net 2.
 
-    ``A``, ``B``: (B, 1, *S) on the registration grid. Returns the per-step and total loss (floats).
+    ``A``, ``B``: (B, 1, *S) on the registration grid. Returns the per-step and total loss as 0-d tensors
+    on the device (``float()`` reads one).
     """
-    out: dict[str, float] = {}
-    total = 0.0
+    out: dict[str, torch.Tensor] = {}
+    total: torch.Tensor | float = 0.0
     for step, opt in enumerate(optimizers):
         opt.zero_grad(set_to_none=True)
         v = model.velocity(step, A, B, amp=amp)
@@ -423,10 +424,11 @@ def greedy_iteration(
         else:
             terms.loss.backward()
             opt.step()
-        out[f"loss_step{step + 1}"] = float(terms.loss.detach())
-        out[f"l1_step{step + 1}"] = float(terms.l1.detach())
-        out[f"smooth_step{step + 1}"] = float(terms.smoothness.detach())
-        total += float(terms.loss.detach())
+        # tensors, left on the device: training.train_loop reads them when it logs
+        out[f"loss_step{step + 1}"] = terms.loss.detach()
+        out[f"l1_step{step + 1}"] = terms.l1.detach()
+        out[f"smooth_step{step + 1}"] = terms.smoothness.detach()
+        total = total + terms.loss.detach().double()  # in float64, as Python sums the logged floats
         if step + 1 < len(optimizers):
             # midpoint warp of the (detached) velocity: the next step's inputs
             A, B = model.midpoint(A, B, v.detach())
@@ -795,6 +797,7 @@ def test_time_adapt(
         steps = tqdm(steps, desc="TTA", leave=False)
     for _ in steps:
         history.append(greedy_iteration(adapted, optimizers, A, B, scaler, amp))
+    history = [{k: float(v) for k, v in row.items()} for row in history]  # one device sync, at the end
     return TTAResult(adapted.eval(), history, time.perf_counter() - t0)
 
 

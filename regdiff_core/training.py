@@ -4,8 +4,11 @@ A chapter supplies a ``step_fn(step) -> {"loss": ..., ...}`` that does one optim
 backward, optimiser and scheduler updates) and a ``state`` dict of everything with a ``state_dict()``
 (networks, optimisers, schedulers, gradient scalers, EMA copies). :func:`train_loop` does the rest:
 
-- calls ``step_fn`` for steps ``1 … n_steps`` and keeps every step's numbers in ``history``;
-- stops with :class:`NonFiniteLossError` naming the step when the loss is NaN or infinite;
+- calls ``step_fn`` for steps ``1 … n_steps`` and keeps every step's numbers in ``history``, read from
+  the device only when it logs or checkpoints (every ``log_every`` steps), so the GPU is never made to
+  wait in between;
+- stops with :class:`NonFiniteLossError` naming the step when the loss is NaN or infinite (noticed at
+  the next logging step; nothing after the last finite checkpoint is saved);
 - every ``ckpt_every`` steps (and at the end) writes ``state``, the history and all random-number
   generator states to ``ckpt_path`` atomically (temporary file + rename, so a kill mid-write leaves the
   previous checkpoint intact) — but only when every number in it is finite (weights, optimiser moments,
@@ -428,28 +431,44 @@ def train_loop(
         total=n_steps, initial=min(start, n_steps), desc=desc, disable=not progress or not ctx.is_main,
         mininterval=1.0,
     )  # fmt: skip
+    # Rows of steps not yet logged, their tensors still on the device: reading a GPU number waits for the
+    # GPU, so the loop reads them only when it logs or checkpoints (nanoGPT's habit), not every step.
+    pending: list[dict[str, Any]] = []
+
+    def flush(step: int) -> dict[str, float]:
+        """The pending rows as numbers (one device sync), checked and appended to the history."""
+        for row in pending:
+            if "loss" not in row:
+                raise KeyError(f"{desc}: step_fn must return a 'loss' (got {sorted(row)})")
+            row = {k: float(v) for k, v in row.items()}
+            row = distributed.mean_over_ranks(row)  # the global batch's numbers (all ranks the same)
+            if not math.isfinite(row["loss"]):
+                raise NonFiniteLossError(
+                    f"{desc}: loss is {row['loss']} at step {int(row['step'])} (found at step {step}). "
+                    f"{_advice(desc, ckpt_path, stage, _current_lr(state))}"
+                )
+            row["step"] = int(row["step"])
+            history.append(row)
+        pending.clear()
+        return history[-1]
+
     try:
         for step in range(start + 1, n_steps + 1):
             out = step_fn(step)
-            row = {
-                "step": step,
-                **{k: float(v.detach() if torch.is_tensor(v) else v) for k, v in out.items()},
-            }
-            row = distributed.mean_over_ranks(row)  # the global batch's numbers (all ranks the same)
-            if "loss" not in row:
-                raise KeyError(f"{desc}: step_fn must return a 'loss' (got {sorted(out)})")
-            if not math.isfinite(row["loss"]):
-                raise NonFiniteLossError(
-                    f"{desc}: loss is {row['loss']} at step {step}. "
-                    f"{_advice(desc, ckpt_path, stage, _current_lr(state))}"
-                )
-            history.append(row)
+            # a copy: a tensor the step returns may be a buffer that the next step overwrites
+            pending.append(
+                {"step": step, **{k: v.detach().clone() if torch.is_tensor(v) else v for k, v in out.items()}}
+            )
             bar.update(1)
-            if step % log_every == 0 or step == n_steps:
+            logs, saves = step % log_every == 0 or step == n_steps, step % ckpt_every == 0 or step == n_steps
+            loss = out.get("loss")
+            known_bad = not torch.is_tensor(loss) and loss is not None and not math.isfinite(loss)
+            if logs or saves or known_bad:  # a Python number is read for free: a NaN there stops at once
+                row = flush(step)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "step"})
-                if history_csv is not None:
+                if logs and history_csv is not None:
                     _write_history_csv(history, Path(history_csv))
-            if step % ckpt_every == 0 or step == n_steps:
+            if saves:
                 save(step)
     finally:
         bar.close()

@@ -709,11 +709,12 @@ def train_vqae(
         with torch.no_grad():
             pred = torch.stack((out.logits[:, 0:2].argmax(1), out.logits[:, 2:4].argmax(1)), 1)
             d = dice(pred, x > 0.5, dims=(0, *range(2, x.ndim))).float()  # per channel over the batch
+        # tensors, left on the device: training.train_loop reads them when it logs
         row = {
-            "loss": loss.item(),
-            "ce": ce.item(),
-            "codebook_loss": out.codebook_loss.item(),
-            "dice": float(d.mean()),
+            "loss": loss.detach(),
+            "ce": ce.detach(),
+            "codebook_loss": out.codebook_loss.detach(),
+            "dice": d.mean(),
             "lr": lr,
         }
         if step % cfg.log_every == 0 or step == iterations:

@@ -79,7 +79,6 @@ def test_initial_tre_matches_the_paper_csv(mirror_dir):
 # ---------------------------------------------------------------------------------- Dice, Jacobian, IC
 
 
-
 def test_jacobian_of_a_linear_map_is_exact():
     shape = (10, 12, 8)
     L = torch.tensor([[0.1, 0.2, 0.0], [-0.3, 0.05, 0.1], [0.0, 0.4, -0.2]])

@@ -133,6 +133,28 @@ def test_truncated_checkpoint_is_named_in_the_error(tmp_path):
         train_loop(step_fn, state, 2, ckpt_path=ckpt, progress=False)
 
 
+def test_tensors_are_read_only_when_the_loop_logs_and_a_nan_among_them_names_its_step(tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    seen = []
+    reads = []
+
+    class Loss(torch.Tensor):  # counts how often the loop reads a number off the "device"
+        def __float__(self):
+            reads.append(len(seen))
+            return super().__float__()
+
+    def step_fn(step):
+        seen.append(step)
+        value = torch.tensor(math.nan if step == 5 else 1.0 / step).as_subclass(Loss)
+        return {"loss": value}
+
+    with pytest.raises(NonFiniteLossError, match=r"at step 5 \(found at step 6\)") as err:
+        train_loop(step_fn, {}, 10, ckpt_path=ckpt, ckpt_every=100, log_every=3, progress=False)
+    assert seen == [1, 2, 3, 4, 5, 6]  # noticed at the next logging step
+    assert reads == [3, 3, 3, 6, 6]  # read only at steps 3 and 6 (steps 1–3, then 4–5: the NaN stops it)
+    assert str(ckpt) not in str(err.value) and "Nothing was checkpointed" in str(err.value)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_nan_guard_names_the_step(tmp_path, bad):
     ckpt = tmp_path / "ckpt.pt"
