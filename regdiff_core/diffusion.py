@@ -56,7 +56,7 @@ sets ``dropout`` and ``loss_norm`` to the seed's values; the other profiles use 
   attention on CPU (2–3× slower at N = 3328); the denoiser switches it off, so training and sampling
   both run through ``scaled_dot_product_attention``.
 - **Stale-checkpoint guard.** A checkpoint trained on other token grids or another architecture is
-  not resumed (:func:`train_denoiser` keeps a fingerprint next to it).
+  set aside, not resumed (the fingerprint in every checkpoint: :func:`regdiff_core.training.fingerprint`).
 - **Reproducible sampling.** Which tokens to unmask and which codes to draw come from one
   ``torch.Generator`` (inverse-CDF draws from explicit uniforms), so a seed fixes the samples on any
   device up to floating-point differences in the logits.
@@ -79,7 +79,7 @@ import torch.nn.functional as F
 
 from regdiff_core import distributed
 from regdiff_core.config import DiffusionConfig, Profile
-from regdiff_core.training import CheckpointError, load_weights, read_checkpoint, train_loop
+from regdiff_core.training import CHECKPOINT_FILE, CheckpointError, load_weights, read_checkpoint, train_loop
 from regdiff_core.utils import atomic_torch_save, atomic_write_text, autocast, count_parameters
 
 #: Files this chapter writes under ``work_dir``.
@@ -89,7 +89,6 @@ MODEL_FILE = Path("diffusion") / "model.pt"
 PAPER_TOKENS_DIR = Path("diffusion_paper_tokens")
 #: Grids of the paper's 97 kept aside by :func:`paper_tokens` (the last ones in the file).
 PAPER_HELDOUT = 10
-STATE_FILE = Path("diffusion") / "train_state.pt"
 HISTORY_FILE = Path("diffusion") / "history.csv"
 
 #: The variants chapter 3 can compare (``DiffusionConfig.ablation_variants`` picks them): name → overrides.
@@ -403,58 +402,6 @@ def _tokens_as_sequences(tokens) -> tuple[torch.Tensor, int, tuple[int, ...]]:
     return x, int(tokens.codebook_size), grid
 
 
-#: Settings that may change between runs without invalidating a checkpoint (more iterations resume it).
-#: A changed ``lr`` is applied on resume (``training.train_loop`` says so), so it does not restart either.
-_RESUMABLE_FIELDS = (
-    "iterations", "ckpt_every", "log_every", "ablation_iterations", "ablation_ema", "lr", "side_iterations",
-)  # fmt: skip
-#: Fields added after checkpoints existed, with the value those checkpoints were trained with.
-_LATER_FIELDS = {"loss_norm": "per-token", "augment_flip": False, "augment_shift": "none"}
-
-
-def _forget_stale_checkpoint(out_dir: Path, x_all: torch.Tensor, cfg: DiffusionConfig) -> None:
-    """Delete ``out_dir``'s checkpoint when it was trained on other tokens or another architecture.
-
-    Without this, retraining the VQ-AE (new tokens) and rerunning chapter 3 would silently resume — or
-    reuse — a denoiser of the old tokens. The fingerprint (sha256 of the token grids and the settings)
-    lives in ``out_dir/fingerprint.json``.
-    """
-    import hashlib
-    import json
-
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE_FIELDS}
-    for name, default in _LATER_FIELDS.items():  # absent from older fingerprints: keep those valid
-        if settings.get(name) == default:
-            del settings[name]
-    digest = hashlib.sha256(x_all.cpu().numpy().tobytes())
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    fingerprint = digest.hexdigest()
-    path = out_dir / "fingerprint.json"
-    state = out_dir / STATE_FILE.name
-    if state.exists() and (not path.exists() or _read_fingerprint(path, state) != fingerprint):
-        print(f"[diffusion] {state} was trained on other tokens or settings: starting afresh")
-        state.unlink()
-    atomic_write_text(path, json.dumps({"sha256": fingerprint}) + "\n")
-
-
-def _read_fingerprint(path: Path, state: Path) -> str | None:
-    """The sha256 recorded in ``fingerprint.json``; a damaged file is an error naming it (the checkpoint
-    it vouches for is kept, not guessed about)."""
-    import json
-
-    try:
-        value = json.loads(path.read_text())
-        if not isinstance(value, dict) or not isinstance(value.get("sha256"), str):
-            raise ValueError('expected {"sha256": "<hex>"}')
-        return value["sha256"]
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(
-            f"{path} is damaged ({type(err).__name__}: {err}); it records which tokens and settings {state} "
-            f"was trained with. Delete {path} to train the denoiser again from scratch (the checkpoint is "
-            "then replaced), or restore it from a backup."
-        ) from err
-
-
 def train_denoiser(
     profile: Profile,
     work_dir: str | Path,
@@ -468,7 +415,7 @@ def train_denoiser(
     """Train the denoiser on the token grids of chapter 2 (``work_dir/tokens.pt``) and save it.
 
     ``cfg`` defaults to ``profile.diffusion``; ``out_dir`` to ``work_dir/diffusion``. Writes
-    ``out_dir/model.pt`` (weights + architecture), ``out_dir/train_state.pt`` (the resumable checkpoint)
+    ``out_dir/model.pt`` (weights + architecture), ``out_dir/checkpoint.pt`` (the resumable checkpoint)
     and ``out_dir/history.csv``. If a finished checkpoint is already there, nothing is retrained.
     History columns: ``loss`` (the optimised value: bits/token, or bits/token / K with
     ``loss_norm="seed"``), ``elbo`` (bits/token), ``accuracy`` (masked tokens), ``lr``.
@@ -479,9 +426,6 @@ def train_denoiser(
     if tokens is None:
         tokens = training_tokens(profile, work_dir, device)
     x_all, codebook_size, grid = _tokens_as_sequences(tokens)
-    if distributed.is_main():  # torchrun: one rank decides and deletes; the others wait for it
-        _forget_stale_checkpoint(out_dir, x_all, cfg)
-    distributed.barrier()
     x_all = x_all.to(device)
     denoiser = build_denoiser(cfg, codebook_size, grid).to(device)
     optimiser = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)
@@ -520,9 +464,10 @@ def train_denoiser(
         return {"loss": out.loss.detach(), "elbo": out.elbo, "accuracy": out.accuracy, "lr": lr}
 
     result = train_loop(
-        step_fn, state, cfg.iterations, ckpt_path=out_dir / STATE_FILE.name, ckpt_every=cfg.ckpt_every,
+        step_fn, state, cfg.iterations, ckpt_path=out_dir / CHECKPOINT_FILE, ckpt_every=cfg.ckpt_every,
         log_every=cfg.log_every, history_csv=out_dir / HISTORY_FILE.name, desc="diffusion", progress=progress,
         stage="diffusion", settings=dataclasses.asdict(cfg),
+        inputs=x_all,  # other tokens or settings (a retrained VQ-AE): the checkpoint is set aside
     )  # fmt: skip
     denoiser.eval()
     ema_net = ema.module.eval() if ema is not None else None
@@ -679,8 +624,6 @@ def train_tracked(
     import json
     from contextlib import nullcontext, redirect_stdout
 
-    from regdiff_core.utils import atomic_write_text
-
     cfg = profile.diffusion
     out_dir = Path(out_dir) if out_dir is not None else Path(work_dir) / MODEL_FILE.parent
     every = max(1, cfg.iterations // 4) if every is None else max(1, int(every))
@@ -698,7 +641,9 @@ def train_tracked(
                 out_dir=out_dir, progress=False,
             )  # fmt: skip
         if k == 0:  # the fingerprint of the checkpoint is settled now: read the points that belong to it
-            key.update((out_dir / "fingerprint.json").read_bytes())
+            key.update(
+                read_checkpoint(out_dir / CHECKPOINT_FILE, "denoiser checkpoint")["fingerprint"].encode()
+            )
             if curve_path.exists():
                 try:
                     saved = json.loads(curve_path.read_text())

@@ -83,7 +83,7 @@ from regdiff_core.config import (
     Profile,
     RegistrationConfig,
 )
-from regdiff_core.training import CheckpointError, load_weights, read_checkpoint, train_loop
+from regdiff_core.training import CHECKPOINT_FILE, CheckpointError, load_weights, read_checkpoint, train_loop
 from regdiff_core.utils import atomic_torch_save, autocast
 
 # --------------------------------------------------------------------------------------------------
@@ -690,7 +690,7 @@ def train_regime(
         step_fn,
         state,
         cfg.iterations,
-        ckpt_path=out_dir / "checkpoint.pt",
+        ckpt_path=out_dir / CHECKPOINT_FILE,
         ckpt_every=cfg.ckpt_every,
         log_every=cfg.log_every,
         history_csv=out_dir / "history.csv",
@@ -698,6 +698,7 @@ def train_regime(
         progress=progress,
         stage="registration",
         settings=dataclasses.asdict(cfg),
+        inputs={"cases": list(data.cases), "shape": list(data.shape)},  # other pairs: set aside
     )
     unwrap()
     seconds = result.seconds

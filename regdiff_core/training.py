@@ -28,6 +28,8 @@ reader sees the whole loop in one screen, and because those add a dependency the
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
 import pickle
 import random
@@ -43,6 +45,50 @@ from tqdm.auto import tqdm
 
 from regdiff_core import distributed
 from regdiff_core.utils import atomic_torch_save, remove_orphans
+
+#: Every trained stage keeps its resumable state in ``<stage folder>/checkpoint.pt`` (and its weights in
+#: ``model.pt``, its numbers in ``history.csv``).
+CHECKPOINT_FILE = "checkpoint.pt"
+
+#: Settings that say how long a run goes or how it is logged and adapted, not what its state means: a
+#: checkpoint written with other values still resumes (a changed ``lr`` is applied; see :func:`train_loop`).
+#: Every other setting, and the training inputs, make up the checkpoint's :func:`fingerprint`.
+RESUMABLE_SETTINGS = frozenset({
+    "iterations", "ckpt_every", "log_every", "lr", "amp", "encode_batch", "ablation_iterations",
+    "ablation_ema", "ablation_variants", "side_iterations", "regimes", "seeds", "seed_regimes",
+})  # fmt: skip
+
+
+def fingerprint(inputs: Any, settings: Mapping[str, Any] | None = None) -> str:
+    """The one stale-state rule of the three trained stages: sha256 of what a checkpoint's state depends
+    on — its training inputs (a tensor's bytes, or the JSON of, e.g., case names) and its settings other
+    than :data:`RESUMABLE_SETTINGS`. :func:`train_loop` keeps it in the checkpoint and, when it differs,
+    moves the old checkpoint aside and starts afresh instead of resuming a state of other data."""
+    digest = hashlib.sha256()
+    if torch.is_tensor(inputs):
+        digest.update(inputs.detach().cpu().contiguous().numpy().tobytes())
+    else:
+        digest.update(json.dumps(inputs, sort_keys=True, default=str).encode())
+    kept = {k: v for k, v in (settings or {}).items() if k not in RESUMABLE_SETTINGS}
+    digest.update(json.dumps(kept, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _set_aside_if_stale(ckpt_path: Path, expected: str, desc: str) -> None:
+    """Rename a checkpoint of other inputs or settings to ``checkpoint.stale-<its fingerprint>.pt``
+    (nothing is deleted), so that the run starts afresh."""
+    again = f"Move it away (or delete it) to train {desc} from scratch."
+    saved = read_checkpoint(ckpt_path, f"{desc} checkpoint", again)
+    if not isinstance(saved, Mapping) or any(k not in saved for k in _CKPT_KEYS):
+        return  # not a checkpoint at all: resuming it names the file (a clear error, nothing moved)
+    found = saved.get("fingerprint")
+    if found == expected:
+        return
+    aside = ckpt_path.with_name(f"{ckpt_path.stem}.stale-{(found or 'unknown')[:12]}{ckpt_path.suffix}")
+    ckpt_path.replace(aside)
+    print(
+        f"[{desc}] {ckpt_path} was trained on other inputs or settings: kept as {aside.name}, starting afresh"
+    )
 
 
 class NonFiniteLossError(RuntimeError):
@@ -375,6 +421,7 @@ def train_loop(
     progress: bool = True,
     stage: str | None = None,
     settings: Mapping[str, Any] | None = None,
+    inputs: Any = None,
 ) -> TrainResult:
     """Run ``step_fn`` for steps ``1 … n_steps``, resuming from ``ckpt_path`` if it exists.
 
@@ -382,6 +429,8 @@ def train_loop(
     ``"loss"``. ``state`` maps names to objects with ``state_dict()`` / ``load_state_dict()``.
     ``stage`` (e.g. ``"vqae"``) lets error messages name the ``--set stage.lr=…`` to use; ``settings``
     (the stage's config as a dict) is stored in the checkpoint, and a resume lists what changed.
+    ``inputs`` (what the stage trains on): with it, the checkpoint keeps the :func:`fingerprint` of
+    ``inputs`` and ``settings``, and one of other inputs or settings is set aside instead of resumed.
     """
     if n_steps < 0:
         raise ValueError(f"{desc}: n_steps must be >= 0, got {n_steps}")
@@ -392,8 +441,11 @@ def train_loop(
     start = 0
     resumed_from = None
     ctx = distributed.context()
+    stamp = fingerprint(inputs, settings) if inputs is not None else None
     if ckpt_path is not None and ctx.is_main:
         remove_orphans(ckpt_path)  # temporary files of a run killed while it wrote a checkpoint
+        if stamp is not None and ckpt_path.exists():
+            _set_aside_if_stale(ckpt_path, stamp, desc)
     distributed.barrier()
     if ckpt_path is not None and ckpt_path.exists():
         start, history = _resume(ckpt_path, state, desc, settings)
@@ -418,6 +470,8 @@ def train_loop(
             payload["rng_ranks"] = distributed.all_gather_objects(payload["rng"])
         if settings is not None:
             payload["settings"] = dict(settings)
+        if stamp is not None:
+            payload["fingerprint"] = stamp
         bad = _non_finite(payload["state"])
         if bad is not None:
             raise NonFiniteStateError(

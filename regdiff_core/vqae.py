@@ -17,7 +17,7 @@ Shapes (``paper`` profile; ``ci`` is 4× smaller in every axis with 2 down-sampl
 
 Every component takes ``spatial_dims`` (2 or 3) so a 2D track can reuse it.
 
-Files (all under ``work_dir``): ``vqae/ckpt.pt`` (training checkpoint, resumed automatically),
+Files (all under ``work_dir``): ``vqae/checkpoint.pt`` (training checkpoint, resumed automatically),
 ``vqae/history.csv``, ``vqae/model.pt`` (weights + the config they were built with, read by
 :func:`load_vqae`) and ``tokens.pt`` (the training pairs' token grids, read by :func:`load_tokens`).
 
@@ -56,7 +56,7 @@ from torch import nn
 from regdiff_core import distributed
 from regdiff_core.config import Profile, VQAEConfig
 from regdiff_core.data import dice
-from regdiff_core.training import CheckpointError, load_weights, read_checkpoint
+from regdiff_core.training import CHECKPOINT_FILE, CheckpointError, load_weights, read_checkpoint
 
 #: Architecture fields: a saved model must match the profile in these to be loadable.
 _ARCH_FIELDS = ("spatial_dims", "channels", "strides", "codebook_size", "embed_dim", "norm")
@@ -674,7 +674,7 @@ def train_vqae(
     stepped every iteration; fp16 autocast + gradient scaling on CUDA when ``cfg.amp``.
     Every ``cfg.log_every`` steps: codebook usage and perplexity over the window, and (if
     ``cfg.dead_code_restart``) dead codes are re-initialised from recent encoder outputs.
-    With ``out_dir``, checkpoints (``ckpt.pt``) and ``history.csv`` go there and an existing
+    With ``out_dir``, checkpoints (``checkpoint.pt``) and ``history.csv`` go there and an existing
     checkpoint is resumed. Seed torch before calling for a repeatable run.
 
     ``stop_after``: end after that many steps of the ``iterations``-step schedule (the same steps as a
@@ -731,7 +731,7 @@ def train_vqae(
         step_fn,
         {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler},
         n_steps,
-        ckpt_path=out_dir / "ckpt.pt" if out_dir else None,
+        ckpt_path=out_dir / CHECKPOINT_FILE if out_dir else None,
         ckpt_every=cfg.ckpt_every,
         log_every=cfg.log_every,
         history_csv=out_dir / "history.csv" if out_dir else None,
@@ -739,6 +739,7 @@ def train_vqae(
         progress=progress,
         stage="vqae",
         settings=dataclasses.asdict(cfg),
+        inputs=volumes if out_dir else None,  # other pairs or settings: the checkpoint is set aside
     )
     model.eval()
     return VQAETrainResult(
@@ -783,7 +784,7 @@ def train(
     ``run_name="vqae"`` is the model later chapters load; other names keep side runs (the notebook's
     comparison with/without dead-code restarts) apart. ``dead_code_restart`` / ``iterations``
     override the profile for this run; ``stop_after`` and ``snapshot_at`` as in :func:`train_vqae`.
-    Resumes from ``work_dir/<run_name>/ckpt.pt`` if present.
+    Resumes from ``work_dir/<run_name>/checkpoint.pt`` if present.
     """
     from regdiff_core.data import load_pairs
     from regdiff_core.utils import resolve_device, seed_everything

@@ -319,7 +319,7 @@ def test_one_ddp_step_on_two_half_batches_is_one_step_on_the_whole_batch(
     assert param_diff <= PARAM_ATOL
     assert rank0["history"][0]["loss"] == pytest.approx(single["history"][0]["loss"], rel=1e-5)
     # rank 0 alone wrote the checkpoint, with both ranks' random streams
-    ckpt = {"vqae": "vqae/ckpt.pt", "diffusion": "diffusion/train_state.pt"}.get(
+    ckpt = {"vqae": "vqae/checkpoint.pt", "diffusion": "diffusion/checkpoint.pt"}.get(
         stage, "registration/registration/real_all/checkpoint.pt"
     )
     saved = read_checkpoint(two_ranks.root / ckpt)  # the project's loader (it holds NumPy RNG states)

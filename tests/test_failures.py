@@ -143,17 +143,16 @@ def _truncated(ckpt: Path) -> None:
         (
             _without_rng,
             [],
-            r"is not a training checkpoint .*found \['history', 'settings', 'state', 'step'\]",
+            r"is not a training checkpoint .*found \['fingerprint', 'history', 'settings', 'state', 'step'\]",
         ),
         (_truncated, [], "cannot read vqae checkpoint"),
-        (None, sets("vqae.channels=8,16", "vqae.embed_dim=16"), "does not fit this run's 'model'"),
     ],
-    ids=["wrong-structure", "no-rng", "truncated", "other-architecture"],
+    ids=["wrong-structure", "no-rng", "truncated"],
 )
 def test_a_bad_checkpoint_is_named_and_kept(tmp_path, monkeypatch, capsys, damage, extra, message):
     monkeypatch.setattr(data, "load_pairs", tube_pairs)
     assert vqae_cli(tmp_path, capsys)[0] == 0
-    ckpt = tmp_path / "vqae" / "ckpt.pt"
+    ckpt = tmp_path / "vqae" / "checkpoint.pt"
     if damage is not None:
         damage(ckpt)
     before = snapshot(tmp_path)
@@ -165,9 +164,18 @@ def test_a_bad_checkpoint_is_named_and_kept(tmp_path, monkeypatch, capsys, damag
     assert snapshot(tmp_path) == before  # the checkpoint, model.pt and history.csv are untouched
 
 
-def test_an_empty_fingerprint_is_named_and_the_denoiser_checkpoint_kept(tmp_path, capsys):
+def test_a_checkpoint_of_other_settings_or_tokens_is_set_aside_not_resumed(tmp_path, monkeypatch, capsys):
+    # the VQ-AE with another architecture: its checkpoint is kept under another name, training starts afresh
+    monkeypatch.setattr(data, "load_pairs", tube_pairs)
+    assert vqae_cli(tmp_path, capsys)[0] == 0
+    ckpt = tmp_path / "vqae" / "checkpoint.pt"
+    old = torch.load(ckpt, weights_only=True)
+    assert vqae_cli(tmp_path, capsys, *sets("vqae.channels=8,16", "vqae.embed_dim=16"))[0] == 0
+    aside = tmp_path / "vqae" / f"checkpoint.stale-{old['fingerprint'][:12]}.pt"
+    assert torch.load(aside, weights_only=True)["fingerprint"] == old["fingerprint"]  # nothing lost
+    assert torch.load(ckpt, weights_only=True)["fingerprint"] != old["fingerprint"]
+    # the denoiser on other tokens (a retrained VQ-AE): the same rule
     grids = torch.randint(0, 8, (3, 4, 4, 4), generator=torch.Generator().manual_seed(0))
-    vqae.save_tokens(vqae.Tokens(grids, ["032", "033", "034"], (4, 4, 4), 8), tmp_path)
     argv = [
         "train-diffusion",
         "--work-dir",
@@ -177,35 +185,13 @@ def test_an_empty_fingerprint_is_named_and_the_denoiser_checkpoint_kept(tmp_path
         "--no-progress",
         *TINY_DIFFUSION,
     ]
+    vqae.save_tokens(vqae.Tokens(grids, ["032", "033", "034"], (4, 4, 4), 8), tmp_path)
     assert run_cli(argv, capsys)[0] == 0
-    fingerprint = tmp_path / "diffusion" / "fingerprint.json"
-    fingerprint.write_text("")
-    before = snapshot(tmp_path)
-    code, err = run_cli(argv, capsys)
-    assert code == 2 and f"error: {fingerprint} is damaged" in err and "train_state.pt" in err
-    assert snapshot(tmp_path) == before
-    # the advice as written: delete the fingerprint, and the denoiser is trained again from scratch
-    fingerprint.unlink()
+    assert run_cli(argv, capsys)[0] == 0  # the same tokens: resumed (nothing set aside)
+    assert not list((tmp_path / "diffusion").glob("checkpoint.stale-*"))
+    vqae.save_tokens(vqae.Tokens((grids + 1) % 8, ["032", "033", "034"], (4, 4, 4), 8), tmp_path)
     assert run_cli(argv, capsys)[0] == 0
-    assert fingerprint.read_text().startswith('{"sha256": ')
-
-
-def test_the_fingerprint_is_written_atomically(tmp_path, monkeypatch):
-    grids = torch.randint(0, 8, (3, 16), generator=torch.Generator().manual_seed(0))
-    cfg = get_profile("ci").diffusion
-    diffusion._forget_stale_checkpoint(tmp_path, grids, cfg)
-    before = (tmp_path / "fingerprint.json").read_text()
-
-    def dies(self, *args, **kwargs):  # a kill half-way through writing: the old file must survive
-        Path.write_bytes(self, b'{"sha')
-        raise OSError("killed")
-
-    monkeypatch.setattr(Path, "write_text", dies)
-    with pytest.raises(OSError, match="killed"):
-        diffusion._forget_stale_checkpoint(tmp_path, grids + 1, cfg)
-    monkeypatch.undo()
-    assert (tmp_path / "fingerprint.json").read_text() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fingerprint.json"]
+    assert len(list((tmp_path / "diffusion").glob("checkpoint.stale-*"))) == 1
 
 
 def test_truncated_prepared_pairs_are_named_with_the_command_that_rebuilds_them(tmp_path, capsys):
@@ -359,7 +345,7 @@ def test_divergence_on_the_command_line_names_the_checkpoint_and_the_setting(tmp
 
     monkeypatch.setattr(vqae, "paired_cross_entropy", diverges_at_step_2)
     code, err = vqae_cli(tmp_path, capsys)
-    ckpt = tmp_path / "vqae" / "ckpt.pt"
+    ckpt = tmp_path / "vqae" / "checkpoint.pt"
     assert code == 2 and "error: vqae: loss is nan at step 2" in err
     assert f"delete (or move) {ckpt} and rerun with --set vqae.lr=<a value below 0.002>" in err
     assert not (tmp_path / "vqae" / "model.pt").exists()  # no model from a diverged run

@@ -290,7 +290,7 @@ def test_training_resumes_exactly_with_dead_code_restarts(tmp_path):
     assert [r["restarted"] for r in res.history] == [r["restarted"] for r in ref.history]
     for (k, p), q in zip(res.model.state_dict().items(), ref.model.state_dict().values()):
         assert torch.equal(p, q), k
-    assert (tmp_path / "history.csv").exists() and (tmp_path / "ckpt.pt").exists()
+    assert (tmp_path / "history.csv").exists() and (tmp_path / "checkpoint.pt").exists()
 
 
 def test_a_run_stopped_early_is_the_start_of_the_full_run_and_its_snapshot(tmp_path):
