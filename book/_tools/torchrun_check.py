@@ -98,7 +98,7 @@ def _weights(path: Path) -> list[torch.Tensor]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m regdiff_core.torchrun_check", description=__doc__.splitlines()[0]
+        prog="book/_tools/torchrun_check.py", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--work-dir", type=Path, required=True, help="a prepared ci work folder (read only)")
     parser.add_argument("--out", type=Path, default=Path("_build/torchrun-check"))
