@@ -188,9 +188,11 @@ def profiles_markdown(profiles: Mapping[str, config.Profile] | None = None) -> s
 # Where the paper profile still differs from the seed
 # --------------------------------------------------------------------------------------------------
 
-#: ``(stage, what differs from the seed, why)`` for the ``paper`` profile. Settings the seed has and
-#: ``paper`` reproduces (sizes, learning rates, dropout 0.1, the loss / (ln 2 · K · N), the 18-neighbourhood
-#: dilation, batches drawn by ``randperm``) are not listed; the module docstrings give the details.
+#: ``(stage, what differs from the seed, why)`` for the ``paper`` profile: the one copy of this list (the
+#: module docstrings of ``regdiff_core`` point to the page it becomes, ``book/profiles.md``). Settings the
+#: seed has and ``paper`` reproduces (sizes, learning rates, dropout 0.1, the loss / (ln 2 · K · N), the
+#: 18-neighbourhood dilation, batches drawn by ``randperm``) are not listed; ``book/profiles.md`` explains
+#: the options among them, the module docstrings how each is reproduced.
 SEED_DIFFERENCES: tuple[tuple[str, str, str], ...] = (
     ("all", "no `torch.compile`",
      "minutes of compile time on a CPU and fragile on Colab; it changes nothing numerically, and the "
@@ -206,11 +208,22 @@ SEED_DIFFERENCES: tuple[tuple[str, str, str], ...] = (
      "fp16 rounding"),
     ("diffusion", "the warm-up reaches `lr · s / 500` at step s = 1",
      "the authors' first step runs at lr 0 (an update lost, not a different schedule)"),
+    ("diffusion", "PyTorch's fused inference fast path of the encoder layers is switched off",
+     "on a CPU it materialises the N×N attention (2–3× slower at N = 3328); training and sampling both run "
+     "through `scaled_dot_product_attention`"),
+    ("diffusion", "a checkpoint trained on other token grids or another architecture is not resumed",
+     "a fingerprint of the grids and settings is kept next to it; resuming would silently continue another run"),
+    ("diffusion", "no preview images every 1500 iterations", "the notebook shows samples instead"),
+    ("diffusion", "state-dict keys `transformer.layers.i` instead of `transformer.i`",
+     "the layers sit in an `nn.TransformerEncoder` (built one by one); the weights are the same, their names "
+     "are not"),
     ("sampling", "which tokens to unmask and which codes to draw come from one seeded `torch.Generator`",
      "a seed fixes the samples on any device; the distribution is the authors'"),
     ("sampling", "only the vessel channel P(vessel) is stored (fp16), plus the token grid and "
      "optional NIfTI masks", "the background channel is 1 − P(vessel); the loaders read the authors' "
      "two-channel files too"),
+    ("sampling", "statistics of the synthetic pairs (vessel fraction, pair Dice, token statistics) and a "
+     "memorisation check", "the authors' code has none; chapter 4 judges the synthetic pairs by them"),
     ("registration", "`N` TTA iterations are `N` updates followed by one forward pass for the evaluated "
      "map", "the authors' loop evaluates after 49 of its 50 updates"),
     ("registration", "synthetic pairs are read from disk batch by batch (bounded cache)",
