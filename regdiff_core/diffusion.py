@@ -30,39 +30,12 @@ What is here:
   training set and a held-out set, so the denoiser can be trained on the paper's real training data.
 - :func:`train_step` — one optimisation step (what :mod:`regdiff_core.bench` times for ``make gpu-check``).
 
-Where this differs from the seed (``unleashing_utils.py`` of the paper's code). The ``paper`` profile
-sets ``dropout`` and ``loss_norm`` to the seed's values; the other profiles use the improvements:
+Differences from the authors' code (the seed, ``unleashing_utils.py``) and why: one list, on the
+book's profiles page (``book/profiles.md``; ``SEED_DIFFERENCES`` in ``book/_tools/bookpages.py``).
+``paper`` sets the seed's ``dropout`` and ``loss_norm``; the other profiles use the alternatives.
 
-- **Dropout** (``DiffusionConfig.dropout``). The seed leaves ``nn.TransformerEncoderLayer``'s default
-  dropout 0.1 on (``paper`` keeps it); unleashing-transformers (which the seed adapts) trains without
-  it, and so do ``ci`` and ``colab``. The parameter count is the same. Chapter 3 compares 0.1 with 0
-  where ``ablation_variants`` lists it (``colab``; ``ci`` skips it because CPU attention with dropout
-  takes a ~10× slower kernel).
-- **Loss normalisation** (``DiffusionConfig.loss_norm``). The seed divides the weighted cross-entropy
-  by ``ln 2 · K · N`` (it takes ``numel`` of the permuted logits' trailing shape, which includes the
-  codebook axis): ``loss_norm="seed"``, the ``paper`` setting. ``"per-token"`` divides by ``ln 2 · N``
-  as unleashing-transformers does, so the number is in bits per token (``ci``, ``colab``). The factor
-  K = 1024 is not harmless under Adam: its update ignores a constant scale only while the gradient
-  entries are well above ``eps`` = 1e-8, and at the seed's scale many of the denoiser's entries at
-  initialisation are not, so their updates are damped. The reported ``elbo`` is in bits per token
-  under both settings.
-- **float32 logits.** The head runs outside autocast, so the sampler's categorical never sees fp16
-  logits (the seed samples from fp16 logits divided by the temperature).
-- **Warm-up from step 1.** The seed's warm-up sets lr = 0 on its first iteration; ours reaches
-  ``lr · s / warmup`` at step s = 1 … warmup.
-- **Independent layer init.** ``nn.TransformerEncoder`` deep-copies one layer, so all layers would start
-  identical; we build each layer separately, as the seed's ``nn.Sequential`` of fresh layers does.
-- **No inference fast path.** PyTorch's fused encoder-layer path for eval mode materialises the N×N
-  attention on CPU (2–3× slower at N = 3328); the denoiser switches it off, so training and sampling
-  both run through ``scaled_dot_product_attention``.
-- **Stale-checkpoint guard.** A checkpoint trained on other token grids or another architecture is
-  set aside, not resumed (the fingerprint in every checkpoint: :func:`regdiff_core.training.fingerprint`).
-- **Reproducible sampling.** Which tokens to unmask and which codes to draw come from one
-  ``torch.Generator`` (inverse-CDF draws from explicit uniforms), so a seed fixes the samples on any
-  device up to floating-point differences in the logits.
-
-Left out: the seed's ``torch.compile`` (a slow first call, and fragile on CPU and Colab) and its per-1500-iteration preview images (the notebook shows samples instead). The
-state-dict keys differ from the seed's (``transformer.layers.i`` instead of ``transformer.i``).
+Not a difference: ``nn.TransformerEncoder`` deep-copies one layer, so all layers would start identical;
+the denoiser builds each layer separately, as the seed's ``nn.Sequential`` of fresh layers does.
 """
 
 from __future__ import annotations

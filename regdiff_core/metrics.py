@@ -9,8 +9,8 @@ the grid the field lives on, channel ``c`` along axis ``c``, pull-back, A∘φ_A
   voxel). Landmarks move between frames with align_corners=False geometry
   (:func:`~regdiff_core.registration.rescale_points`, the same formula as
   :func:`regdiff_core.data.canonical_to_profile`), so TRE is comparable at every profile resolution.
-  The paper reports canonical voxels; the spacing of the test scans is 1.00 ± 0.003 mm, so the two
-  agree to well under 1 %.
+  Where this differs from the authors' code (mm, the landmark mapping) and why: one list, on the book's
+  profiles page (``book/profiles.md``; ``SEED_DIFFERENCES`` in ``book/_tools/bookpages.py``).
 * **Dice** of the warped fixed mask and the moving mask (threshold ½), at the profile resolution.
 * **Jacobian determinant** det(I + ∇u) by central differences: % of voxels with det ≤ 0 (folding) and
   the standard deviation of log det (SDlogJ; det clamped at 1e-9 first so that folded voxels count as

@@ -46,19 +46,15 @@ Hand-written where a library has it
 * :func:`smoothness`: MONAI's ``BendingEnergyLoss`` is second order; the paper's penalty is the mean
   squared first difference in the seed's units.
 
-Everything is dimension-generic (2D fields ``(B, 2, H, W)`` work as 3D ones do); AMP (the seed's fp16
-autocast of the UNets) runs only on CUDA. A grid whose sizes are not multiples of the UNet's total
-stride (8) — ci's 32×26×32 — is zero-padded at its far ends for the network and cropped back; the
-paper's 128×104×128 needs no padding, so paper-scale results are unaffected.
+Everything is dimension-generic (2D fields ``(B, 2, H, W)`` work as 3D ones do). A grid whose sizes are
+not multiples of the UNet's total stride (8) — ci's 32×26×32 — is zero-padded at its far ends for the
+network and cropped back; the paper's 128×104×128 needs no padding, so paper-scale results are unaffected.
 
-Left out on purpose
--------------------
-* ``torch.compile`` (the seed compiles both UNets): it costs minutes of compile time on CPU and changes
-  nothing numerically; the checkpoint loader strips its ``_orig_mod.`` prefixes when loading the
-  released networks.
-* Evaluating TTA after 49 of its 50 updates, as the seed's loop happens to do: here ``N`` TTA
-  iterations means ``N`` updates, then one more forward pass for the evaluated map.
-* An affine pre-alignment: the paper has none; the canonical pad/crop frame aligns the lungs roughly.
+Differences from the authors' code (the seed) and why: one list, on the book's profiles page
+(``book/profiles.md``; ``SEED_DIFFERENCES`` in ``book/_tools/bookpages.py``).
+
+Left out on purpose: an affine pre-alignment (the paper has none; the canonical pad/crop frame aligns
+the lungs roughly).
 """
 
 from __future__ import annotations

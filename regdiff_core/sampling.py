@@ -19,10 +19,8 @@ training pair to its nearest *other* training pair) and for VQ-AE reconstruction
 (about what a copy would score). Pair Dice over all pairs is one chunked matrix product
 (:func:`dice_matrix`), so it stays cheap at paper size.
 
-Differences from the seed (``infer_sampler.py``): the seed stores both softmax channels
-(background, vessel) per volume, shape (2, H, W, D); we store the vessel channel only (the background
-is 1 − p; :func:`load_synthetic` reads either layout). The seed has no NIfTI export, no statistics and
-no memorisation check.
+Differences from the authors' code (the seed, ``infer_sampler.py``) and why: one list, on the book's
+profiles page (``book/profiles.md``; ``SEED_DIFFERENCES`` in ``book/_tools/bookpages.py``).
 
 Left out: FID-like feature distances (no pretrained 3D vessel network exists to take features from)
 and registration-based checks of the synthetic deformation (chapter 5 trains on the pairs; chapter 6

@@ -21,18 +21,11 @@ Files (all under ``work_dir``): ``vqae/checkpoint.pt`` (training checkpoint, res
 ``vqae/history.csv``, ``vqae/model.pt`` (weights + the config they were built with, read by
 :func:`load_vqae`) and ``tokens.pt`` (the training pairs' token grids, read by :func:`load_tokens`).
 
-What this module adds to the seed (``train_vqae.py`` / ``infer_vqae.py`` of the paper's code):
-codebook-health numbers (codes used and perplexity per logging window) and an optional restart of
-dead codes from recent encoder outputs; device-agnostic code with mixed precision on CUDA only.
+Differences from the authors' code (the seed, ``train_vqae.py`` / ``infer_vqae.py``) and why: one list,
+on the book's profiles page (``book/profiles.md``; ``SEED_DIFFERENCES`` in ``book/_tools/bookpages.py``).
 
-Left out on purpose:
-
-- ``torch.compile`` (the seed compiles the network): compile time dominates short runs, and
-  :func:`~regdiff_core.training.load_weights` still reads the seed-style ``_orig_mod.`` checkpoints.
-- The seed samples 128³ training patches from the *uncropped* volumes; we sample from the prepared
-  profile-shape volumes of chapter 1 (the canonical frame), so that one data path serves all chapters.
-- A restarted code keeps its Adam moment estimates (resetting them would mean reaching into the
-  optimiser's state for a few rows); the next steps overwrite them quickly.
+Left out on purpose: a restarted dead code keeps its Adam moment estimates (resetting them would mean
+reaching into the optimizer's state for a few rows); the next steps overwrite them quickly.
 
 Hand-written where a library has one: the vector quantiser. MONAI's
 ``monai.networks.layers.vector_quantizer.EMAQuantizer`` learns its codebook by exponential moving

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,13 @@ import pytest
 from data_download.mirror import serve
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: The book-build scripts are not part of the installed package: they live in ``book/_tools/`` and are
+#: run by path (``python book/_tools/runbook.py``), so their folder is on ``sys.path`` there. The tests
+#: import them the same way: ``import bookpages``.
+TOOLS_DIR = REPO_ROOT / "book" / "_tools"
+if str(TOOLS_DIR) not in sys.path:
+    sys.path.insert(0, str(TOOLS_DIR))
 
 
 def _shared_mirror(env_var: str, name: str) -> Path:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import bookpages  # book/_tools/, on sys.path through conftest.py
 import pytest
 
-from regdiff_core import bookpages, config
+from regdiff_core import config
 
 
 def _table_row(markdown: str, stage: str, field: str) -> str:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import browser_check  # book/_tools/, on sys.path through conftest.py
 import nbformat
-
-from regdiff_core import browser_check, runbook
+import runbook
 
 
 def test_raw_markdown_table_text_is_caught_and_prose_is_not():

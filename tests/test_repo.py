@@ -95,6 +95,39 @@ def test_ci_runs_the_readme_test_command():
 
 
 # --------------------------------------------------------------------------------------------------
+# The book-build tooling is the repository's, not the installed package's
+# --------------------------------------------------------------------------------------------------
+
+BOOK_TOOLS = ("runbook", "bookpages", "browser_check", "smoke", "torchrun_check")
+
+
+def test_installed_package_holds_no_book_tooling():
+    """The scripts that build and check the book live in book/_tools/ and are run by path; `pip install`
+    (regdiff_core, data_download) ships none of them, and nothing refers to them as package modules."""
+    for name in BOOK_TOOLS:
+        assert not (ROOT / "regdiff_core" / f"{name}.py").exists(), f"regdiff_core/{name}.py: book tooling"
+        assert (ROOT / "book" / "_tools" / f"{name}.py").is_file(), name
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert not any(pattern.startswith("book") for pattern in find["include"]), find
+    assert all(pattern.startswith(("regdiff_core", "data_download")) for pattern in find["include"]), find
+    makefile = (ROOT / "Makefile").read_text()
+    for name in BOOK_TOOLS:
+        assert f"regdiff_core.{name}" not in makefile
+        assert f"book/_tools/{name}.py" in makefile, f"no Makefile target runs book/_tools/{name}.py"
+
+
+def test_book_tooling_is_linted_and_kept_out_of_the_book():
+    lint = (ROOT / "Makefile").read_text().split("\nlint:")[1].split("\n\n")[0]
+    check = next(line for line in lint.splitlines() if "ruff check" in line)
+    fmt = next(line for line in lint.splitlines() if "ruff format --check" in line)
+    assert "book/_tools" in check.split() and "book/_tools" in fmt.split()
+    excluded = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]["extend-exclude"]
+    assert not {"book", "book/_tools", "book/_ext"} & set(excluded), excluded
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert "book/_tools" in config["exclude_patterns"]
+
+
+# --------------------------------------------------------------------------------------------------
 # One source for the repository address and the version: pyproject.toml
 # --------------------------------------------------------------------------------------------------
 

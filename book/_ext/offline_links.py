@@ -5,7 +5,7 @@
   (``data_download/book_assets.py``).
 - Duplicate scripts are dropped: sphinx-thebe 0.3.1 registers its inline configuration once per read
   phase, and Jupyter Book runs it twice, so every page declared ``const THEBE_JS_URL`` twice — a
-  ``SyntaxError`` in the console (the browser check, ``regdiff_core/browser_check.py``, found it).
+  ``SyntaxError`` in the console (the browser check, ``book/_tools/browser_check.py``, found it).
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m regdiff_core.smoke", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="book/_tools/smoke.py", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="paper")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--work-dir", type=Path, default=None, help="default _build/smoke-<profile>")

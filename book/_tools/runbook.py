@@ -1,6 +1,6 @@
 """Execute the chapter notebooks with papermill, in pipeline order, into the book's source folder.
 
-``python -m regdiff_core.runbook --profile ci --out book/chapters`` runs ``notebooks/0N_*.ipynb`` one
+``python book/_tools/runbook.py --profile ci --out book/chapters`` runs ``notebooks/0N_*.ipynb`` one
 after another with the same ``data_dir``/``work_dir`` (later chapters read what earlier ones wrote)
 and writes the executed copies to ``--out``. Jupyter Book then builds the pages from those copies
 without executing anything, so the published book shows the outputs of exactly this run. papermill
@@ -23,7 +23,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from regdiff_core.utils import REPO_ROOT, metrics_dir
+from regdiff_core.utils import metrics_dir
+
+#: The checkout this script belongs to (it lives in ``book/_tools/``).
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: Tag papermill gives the cell it injects; myst-nb leaves cells tagged ``remove-cell`` off the page.
 INJECTED_TAG = "injected-parameters"
@@ -117,9 +120,7 @@ def run_notebooks(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m regdiff_core.runbook", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="book/_tools/runbook.py", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="ci")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--work-dir", type=Path, default=Path("_build/work"))

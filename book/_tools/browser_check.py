@@ -1,6 +1,6 @@
 """Open every page of the built book in headless Chromium, as a reader would, and fail on what looks wrong.
 
-``python -m regdiff_core.browser_check _build/html --screenshots _build/screenshots`` serves the built
+``python book/_tools/browser_check.py _build/html --screenshots _build/screenshots`` serves the built
 HTML from ``127.0.0.1`` (no internet needed: MathJax and the widget scripts ship with the build, see
 ``data_download/book_assets.py``), opens each page, waits for MathJax and the widgets, and checks:
 
@@ -47,7 +47,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from regdiff_core.utils import REPO_ROOT
+#: The checkout this script belongs to (it lives in ``book/_tools/``).
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: Images that may fail offline: they come from outside the book.
 EXTERNAL_OK = ("colab.research.google.com/assets/colab-badge.svg",)
@@ -331,9 +332,7 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m regdiff_core.browser_check", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="book/_tools/browser_check.py", description=__doc__.splitlines()[0])
     parser.add_argument("html_dir", type=Path, nargs="?", default=Path("_build/html"))
     parser.add_argument("--screenshots", type=Path, default=Path("_build/screenshots"))
     parser.add_argument("--forbid", action="append", default=None, help="text no page may show (repeatable)")

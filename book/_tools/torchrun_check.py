@@ -35,8 +35,8 @@ STAGES = {
         "registration/real_all/checkpoint.pt",
         "registration/real_all/model.pt",
     ),
-    "train-vqae": ([], "vqae/ckpt.pt", "vqae/model.pt"),
-    "train-diffusion": (["--no-progress"], "diffusion/train_state.pt", "diffusion/model.pt"),
+    "train-vqae": ([], "vqae/checkpoint.pt", "vqae/model.pt"),
+    "train-diffusion": (["--no-progress"], "diffusion/checkpoint.pt", "diffusion/model.pt"),
 }
 
 
@@ -98,7 +98,7 @@ def _weights(path: Path) -> list[torch.Tensor]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m regdiff_core.torchrun_check", description=__doc__.splitlines()[0]
+        prog="book/_tools/torchrun_check.py", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--work-dir", type=Path, required=True, help="a prepared ci work folder (read only)")
     parser.add_argument("--out", type=Path, default=Path("_build/torchrun-check"))
