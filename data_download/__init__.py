@@ -36,7 +36,7 @@ Datasets (:data:`DATASETS`)
     Two things from github.com/multimodallearning/Lung250M-4B pinned to commit ``53598ca8…`` (raw files):
     ``evaluation/lms_validation.pth``, the 27 test cases' landmarks in each scan's original voxel frame
     (a dict ``"2"``, ``"8"``, … → ``(N, 6)`` fixed then moving; 4677 pairs), and
-    ``predict_vxmpp/case_NNN.csv``, the benchmark's VoxelMorph++ (with instance optimisation) keypoint
+    ``predict_vxmpp/case_NNN.csv``, the benchmark's VoxelMorph++ (with instance optimization) keypoint
     predictions for 17 of those cases (rows ``x_f, y_f, z_f, x_m, y_m, z_m``). Checksums in the shipped
     ``lung250m-4b-repo.sha256``. No case selection: all 18 files (5 MB) come together. Chapter 6.
 

@@ -28,7 +28,7 @@ What is here:
 - :func:`fill_in`, :func:`evaluate_loss` — one-shot predictions and a held-out loss, for the chapter.
 - :func:`paper_tokens` — the paper's own 97 token grids (from its release, codebook 1024, 16×13×16) as a
   training set and a held-out set, so the denoiser can be trained on the paper's real training data.
-- :func:`train_step` — one optimisation step (what :mod:`regdiff_core.bench` times for ``make gpu-check``).
+- :func:`train_step` — one optimization step (what :mod:`regdiff_core.bench` times for ``make gpu-check``).
 
 Differences from the authors' code (the seed, ``unleashing_utils.py``) and why: one list, on the
 book's profiles page (``book/profiles.md``; ``SEED_DIFFERENCES`` in ``book/_tools/bookpages.py``).
@@ -167,7 +167,7 @@ class MaskedTokens(NamedTuple):
 
 
 class DiffusionLoss(NamedTuple):
-    """Scalars (0-d tensors). ``loss``: reweighted ELBO, bits/token (what is optimised);
+    """Scalars (0-d tensors). ``loss``: reweighted ELBO, bits/token (what is optimized);
     ``elbo``: the unweighted variational bound term CE/t, bits/token (an estimate of −log p per token);
     ``accuracy``: fraction of masked tokens whose argmax prediction is right."""
 
@@ -234,7 +234,7 @@ def weighted_elbo_loss(
 
 
 class _Warmup:
-    """lr factor min(1, s / warmup) at optimiser step s = 1, 2, … (a class, so LambdaLR can pickle it)."""
+    """lr factor min(1, s / warmup) at optimizer step s = 1, 2, … (a class, so LambdaLR can pickle it)."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup = max(int(warmup), 1)
@@ -340,7 +340,7 @@ def train_step(
     mask_id: int,
     amp: bool,
 ) -> DiffusionLoss:
-    """One optimisation step on a batch of token sequences ``x_0`` (B, N): draw t, mask, predict, and
+    """One optimization step on a batch of token sequences ``x_0`` (B, N): draw t, mask, predict, and
     step on the weighted ELBO (:func:`weighted_elbo_loss`). The scheduler and EMA stay with the caller
     (:func:`train_denoiser`, and :mod:`regdiff_core.bench`, which times this very function)."""
     t = sample_t(len(x_0), cfg.T, device=x_0.device)
@@ -390,7 +390,7 @@ def train_denoiser(
     ``cfg`` defaults to ``profile.diffusion``; ``out_dir`` to ``work_dir/diffusion``. Writes
     ``out_dir/model.pt`` (weights + architecture), ``out_dir/checkpoint.pt`` (the resumable checkpoint)
     and ``out_dir/history.csv``. If a finished checkpoint is already there, nothing is retrained.
-    History columns: ``loss`` (the optimised value: bits/token, or bits/token / K with
+    History columns: ``loss`` (the optimized value: bits/token, or bits/token / K with
     ``loss_norm="seed"``), ``elbo`` (bits/token), ``accuracy`` (masked tokens), ``lr``.
     """
     work_dir = Path(work_dir)
@@ -401,13 +401,13 @@ def train_denoiser(
     x_all, codebook_size, grid = _tokens_as_sequences(tokens)
     x_all = x_all.to(device)
     denoiser = build_denoiser(cfg, codebook_size, grid).to(device)
-    optimiser = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _Warmup(cfg.warmup))
+    optimizer = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Warmup(cfg.warmup))
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     state: dict[str, Any] = {
         "denoiser": denoiser,
-        "optimiser": optimiser,
+        "optimizer": optimizer,
         "scheduler": scheduler,
         "scaler": scaler,
     }
@@ -429,8 +429,8 @@ def train_denoiser(
         else:
             idx = torch.randint(0, n_grids, (batch,))
         x_0 = x_all[idx.to(device)]
-        out = train_step(net, x_0, optimiser, scaler, cfg, denoiser.mask_id, use_amp)
-        lr = optimiser.param_groups[0]["lr"]
+        out = train_step(net, x_0, optimizer, scaler, cfg, denoiser.mask_id, use_amp)
+        lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         if ema is not None:
             ema.update_parameters(denoiser)

@@ -340,7 +340,7 @@ def wrap(module: torch.nn.Module, global_batch: int | None = None) -> torch.nn.M
 
 
 def wrap_each(modules: torch.nn.ModuleList, global_batch: int | None = None) -> Callable[[], None]:
-    """Put every module of ``modules`` in its own DDP wrapper, in place (one per optimiser, as the
+    """Put every module of ``modules`` in its own DDP wrapper, in place (one per optimizer, as the
     registration's two greedily trained networks); returns the function that puts the plain ones back."""
     plain = list(modules)
     if context().active:

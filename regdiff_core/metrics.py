@@ -26,7 +26,7 @@ seeds (:func:`seed_claim`: a difference counts only beyond the seed spread), TTA
 step (:func:`tta_curve`), and :func:`dice_gain` measures pair realism without landmarks.
 
 A peer on the same landmarks (:func:`evaluate_keypoint_predictions`): Lung250M-4B's repository releases
-VoxelMorph++ (with instance optimisation) predictions for 17 of the 27 test pairs, as fixed keypoints
+VoxelMorph++ (with instance optimization) predictions for 17 of the 27 test pairs, as fixed keypoints
 and their predicted moving positions in each scan's original voxel frame. A thin-plate spline
 (``scipy.interpolate.RBFInterpolator``) interpolates the keypoint displacements at the fixed
 landmarks of ``evaluation/lms_validation.pth`` (the same landmarks in the original frame), and our TRE
@@ -416,7 +416,7 @@ def paper_results(data_dir: str | Path, landmark_counts: Sequence[int]) -> Paper
 LUNG250M_REPO = "lung250m-4b-repo"
 ORIGINAL_LANDMARKS_FILE = "evaluation/lms_validation.pth"
 VXMPP_FOLDER = "predict_vxmpp"
-VXMPP_LABEL = "VoxelMorph++ with instance optimisation (Lung250M-4B's predictions)"
+VXMPP_LABEL = "VoxelMorph++ with instance optimization (Lung250M-4B's predictions)"
 #: The thin-plate spline of the evaluation, as the data mirror's README measures it (2.27 mm on 104–113).
 TPS_SETTINGS: dict[str, Any] = {"kernel": "thin_plate_spline", "smoothing": 1.0, "neighbors": 200}
 

@@ -11,7 +11,7 @@ Because the velocity is antisymmetric in its inputs and the map is its exponenti
 holds by construction, not by a penalty. Step 2 registers the two images after warping each half way,
 A∘exp(v₁/2) and B∘exp(−v₁/2); the final map is root₁ ∘ φ₂ ∘ root₁ with root₁ = exp(v₁/2), which is
 again exactly invertible by the same recipe with −v. Training is greedy, as in the seed: each step has
-its own loss and optimiser, and step 2 sees step 1's midpoint-warped images without a gradient path
+its own loss and optimizer, and step 2 sees step 1's midpoint-warped images without a gradient path
 back into step 1. Test-time adaptation (TTA) fine-tunes copies of both networks on one test pair.
 
 Displacement convention (the only place it is defined; everything in this package follows it)
@@ -402,7 +402,7 @@ def greedy_iteration(
     scaler: torch.amp.GradScaler | None = None,
     amp: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """One optimisation iteration of both steps (greedy): update net 1, warp A and B half way, update net 2.
+    """One optimization iteration of both steps (greedy): update net 1, warp A and B half way, update net 2.
 
     ``A``, ``B``: (B, 1, *S) on the registration grid. Returns the per-step and total loss as 0-d tensors
     on the device (``float()`` reads one).

@@ -1,8 +1,8 @@
 """The one training loop every chapter uses: progress bar, history, atomic checkpoints, resume, NaN guard.
 
-A chapter supplies a ``step_fn(step) -> {"loss": ..., ...}`` that does one optimisation step (forward,
-backward, optimiser and scheduler updates) and a ``state`` dict of everything with a ``state_dict()``
-(networks, optimisers, schedulers, gradient scalers, EMA copies). :func:`train_loop` does the rest:
+A chapter supplies a ``step_fn(step) -> {"loss": ..., ...}`` that does one optimization step (forward,
+backward, optimizer and scheduler updates) and a ``state`` dict of everything with a ``state_dict()``
+(networks, optimizers, schedulers, gradient scalers, EMA copies). :func:`train_loop` does the rest:
 
 - calls ``step_fn`` for steps ``1 … n_steps`` and keeps every step's numbers in ``history``, read from
   the device only when it logs or checkpoints (every ``log_every`` steps), so the GPU is never made to
@@ -11,7 +11,7 @@ backward, optimiser and scheduler updates) and a ``state`` dict of everything wi
   the next logging step; nothing after the last finite checkpoint is saved);
 - every ``ckpt_every`` steps (and at the end) writes ``state``, the history and all random-number
   generator states to ``ckpt_path`` atomically (temporary file + rename, so a kill mid-write leaves the
-  previous checkpoint intact) — but only when every number in it is finite (weights, optimiser moments,
+  previous checkpoint intact) — but only when every number in it is finite (weights, optimizer moments,
   learning rates): otherwise it stops with :class:`NonFiniteStateError` and keeps the last good one;
 - when ``ckpt_path`` already exists, resumes after its step. Because the RNG states travel with the
   checkpoint, a resumed CPU run continues exactly as the uninterrupted one would have. A learning rate
@@ -206,7 +206,7 @@ def load_weights(
     sd: Any = source
     if isinstance(sd, Mapping) and "state" in sd and isinstance(sd["state"], Mapping):
         if key is None:
-            # module state dicts hold only tensors (optimiser/scheduler/scaler states hold numbers too)
+            # module state dicts hold only tensors (optimizer/scheduler/scaler states hold numbers too)
             candidates = [
                 k
                 for k, v in sd["state"].items()
@@ -269,7 +269,7 @@ def _non_finite(obj: Any, where: str = "") -> str | None:
     return None
 
 
-def _optimisers(state: Mapping[str, Any]) -> dict[str, torch.optim.Optimizer]:
+def _optimizers(state: Mapping[str, Any]) -> dict[str, torch.optim.Optimizer]:
     return {n: o for n, o in state.items() if isinstance(o, torch.optim.Optimizer)}
 
 
@@ -283,10 +283,10 @@ def _apply_new_lr(state: Mapping[str, Any], fresh: dict[str, list[float]]) -> li
 
     Schedulers scale the configured rate (LambdaLR: lr = base · λ(t); cosine restarts with η_min = 0:
     lr = base · (1 + cos πt/T)/2), so the current rate and the schedulers' ``base_lrs`` are scaled by
-    new/old. Returns one "old → new" text per changed optimiser.
+    new/old. Returns one "old → new" text per changed optimizer.
     """
     changes = []
-    for name, opt in _optimisers(state).items():
+    for name, opt in _optimizers(state).items():
         old = _base_lrs(opt)
         new = fresh[name]
         if old == new:
@@ -325,7 +325,7 @@ def _advice(desc: str, ckpt_path: Path | None, stage: str | None, lr: float | No
 
 
 def _current_lr(state: Mapping[str, Any]) -> float | None:
-    opts = list(_optimisers(state).values())
+    opts = list(_optimizers(state).values())
     return float(opts[0].param_groups[0].get("initial_lr", opts[0].param_groups[0]["lr"])) if opts else None
 
 
@@ -372,7 +372,7 @@ def _resume(
             f"{desc}: checkpoint {ckpt_path} lacks {sorted(missing)} (it holds {sorted(saved)}). "
             f"{again.capitalize()}"
         )
-    fresh = {name: _base_lrs(opt) for name, opt in _optimisers(state).items()}
+    fresh = {name: _base_lrs(opt) for name, opt in _optimizers(state).items()}
     for name, obj in state.items():
         if isinstance(obj, torch.amp.GradScaler) and not saved.get(name):
             continue
@@ -425,7 +425,7 @@ def train_loop(
 ) -> TrainResult:
     """Run ``step_fn`` for steps ``1 … n_steps``, resuming from ``ckpt_path`` if it exists.
 
-    ``step_fn(step)`` performs one optimisation step and returns floats (or 0-d tensors), at least
+    ``step_fn(step)`` performs one optimization step and returns floats (or 0-d tensors), at least
     ``"loss"``. ``state`` maps names to objects with ``state_dict()`` / ``load_state_dict()``.
     ``stage`` (e.g. ``"vqae"``) lets error messages name the ``--set stage.lr=…`` to use; ``settings``
     (the stage's config as a dict) is stored in the checkpoint, and a resume lists what changed.

@@ -598,7 +598,7 @@ def plot_motion_kept(cases, kept: MotionKept, ax=None):
 
 
 class VQAEStep(NamedTuple):
-    """What one :func:`train_step` computed: the optimised ``loss``, its ``ce`` part, the network's output."""
+    """What one :func:`train_step` computed: the optimized ``loss``, its ``ce`` part, the network's output."""
 
     loss: torch.Tensor
     ce: torch.Tensor
@@ -615,7 +615,7 @@ def train_step(
     amp: bool,
     amp_dtype: torch.dtype = torch.float16,
 ) -> VQAEStep:
-    """One optimisation step on a batch of patches ``x`` (B, 2, *patch) in {0, 1}, on ``net``'s device.
+    """One optimization step on a batch of patches ``x`` (B, 2, *patch) in {0, 1}, on ``net``'s device.
 
     L = ½·CE(fixed) + ½·CE(moving) + ``codebook_weight`` · L_codebook; mixed precision (``amp_dtype``)
     on CUDA when ``amp``. ``cfg.batch_size`` is the global batch (under torchrun ``x`` is this rank's share).

@@ -236,7 +236,7 @@ def test_training_learns_saves_resumes_and_reloads(tmp_path):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_training_optimises_the_profiles_loss_norm(tmp_path, dropout):
+def test_training_optimizes_the_profiles_loss_norm(tmp_path, dropout):
     """The first step's logged loss is the per-token one divided by K = 6 under ``loss_norm="seed"``
     (same seed, same batch, same weights: only the normalisation differs)."""
     grid = (4, 3, 4)

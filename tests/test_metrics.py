@@ -273,7 +273,7 @@ def vxmpp(repo_data_dir):
 
 
 def test_voxelmorph_pp_predictions_give_the_benchmarks_2_26_mm_on_104_113(vxmpp):
-    """Lung250M-4B's paper reports 2.26 mm for VoxelMorph++ with instance optimisation on its test
+    """Lung250M-4B's paper reports 2.26 mm for VoxelMorph++ with instance optimization on its test
     split 104–113; our evaluation of its released predictions must land within 0.1 mm of that."""
     s = vxmpp.summary()
     assert s["cases_104_113"] == list(BENCHMARK_TEST_CASES) and len(s["cases_other"]) == 7

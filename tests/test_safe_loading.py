@@ -63,7 +63,7 @@ def test_evaluate_refuses_a_crafted_checkpoint_with_a_clear_error(prepared_ci, t
 
 
 def test_checkpoints_of_the_training_loop_load_safely(tmp_path):
-    """What train_loop writes (optimiser states, RNG states, history, settings) loads with weights_only."""
+    """What train_loop writes (optimizer states, RNG states, history, settings) loads with weights_only."""
     net = torch.nn.Linear(2, 1)
     opt = torch.optim.Adam(net.parameters(), lr=0.1)
 

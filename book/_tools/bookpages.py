@@ -211,7 +211,7 @@ SEED_DIFFERENCES: tuple[tuple[str, str, str], ...] = (
     ("diffusion", "PyTorch's fused inference fast path of the encoder layers is switched off",
      "on a CPU it materialises the N×N attention (2–3× slower at N = 3328); training and sampling both run "
      "through `scaled_dot_product_attention`"),
-    ("all trained stages", "a checkpoint trained on other inputs or settings is set aside, not resumed",
+    ("all", "a checkpoint trained on other inputs or settings is set aside, not resumed",
      "every checkpoint keeps a fingerprint of its inputs and settings; resuming would silently continue another run"),
     ("diffusion", "no preview images every 1500 iterations", "the notebook shows samples instead"),
     ("diffusion", "state-dict keys `transformer.layers.i` instead of `transformer.i`",
