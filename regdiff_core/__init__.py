@@ -13,6 +13,9 @@ notebook                   module
 06_evaluation              :mod:`regdiff_core.metrics`
 =========================  ==============================
 
+Each chapter's figures are in :mod:`regdiff_core.figures`, one module per chapter module above (the
+chapter modules compute and never import matplotlib).
+
 Shared pieces: :mod:`regdiff_core.config` (profiles), :mod:`regdiff_core.training` (the one training
 loop: resume, atomic checkpoints, NaN guard), :mod:`regdiff_core.utils` (device, seeds, metrics files).
 """

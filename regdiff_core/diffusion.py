@@ -835,39 +835,8 @@ def sample_tokens(
 
 
 # --------------------------------------------------------------------------------------------------
-# Pictures of token grids
+# Fill-in
 # --------------------------------------------------------------------------------------------------
 
 #: Mask ratios at which chapter 3 lets the denoiser fill in a held-out grid.
 FILL_IN_RATIOS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
-
-
-def token_slice_rgb(x: torch.Tensor, mask_id: int, axis: int = 1, index: int | None = None):
-    """One slice of a token grid (h, w, d) as an RGB image (v, u, 3) for ``imshow(origin="lower")``:
-    each code gets a colour of ``tab20`` (cycled, so colours repeat every 20 codes); masked = light grey."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    x = x.detach().cpu()
-    index = x.shape[axis] // 2 if index is None else index
-    s = np.take(x.numpy(), index, axis=axis)
-    rgb = plt.get_cmap("tab20")(s % 20)[..., :3]
-    rgb[s == mask_id] = 0.85
-    return np.swapaxes(rgb, 0, 1)
-
-
-def plot_token_grids(grids, titles, mask_id: int, axis: int = 1, size: float = 2.0):
-    """Middle slices of several token grids (h, w, d) side by side; grey = masked.
-
-    Titles at 12 pt: the figure is scaled down to the page's width, where 9 pt was too small to read.
-    """
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(grids), figsize=(size * len(grids), size * 1.1), constrained_layout=True,
-                             squeeze=False)  # fmt: skip
-    for ax, x, title in zip(axes[0], grids, titles):
-        ax.imshow(token_slice_rgb(x, mask_id, axis), origin="lower", interpolation="nearest")
-        ax.set_title(title, fontsize=12)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    return fig

@@ -799,7 +799,7 @@ def test_time_adapt(
 
 
 # --------------------------------------------------------------------------------------------------
-# Figures (reused by chapters 5 and 6).
+# A 2D teaching example (chapter 5; its figures are in figures/registration.py).
 # --------------------------------------------------------------------------------------------------
 
 
@@ -816,50 +816,3 @@ def swirl_velocity(shape: Sequence[int], amplitude: float, sigma: float) -> torc
     # v(x) = a·e^{−|x−c|²/2σ²}·(−(x_j − c_j), x_i − c_i)/σ
     weight = amplitude * torch.exp(-(di**2 + dj**2) / (2 * sigma**2)) / sigma * math.exp(0.5)
     return torch.stack([-dj * weight, di * weight]).unsqueeze(0)
-
-
-def show_slice(ax, image, **kwargs):
-    """``imshow`` of a 2D array (U, V) with U across and V upwards (chapter 1's orientation)."""
-    image = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else image
-    return ax.imshow(image.T, origin="lower", interpolation="nearest", **kwargs)
-
-
-def plot_deformed_grid(
-    ax, ddf: torch.Tensor, step: int = 4, color: str = "C0", linewidth: float = 0.7
-) -> None:
-    """Draw x ↦ x + u(x) of a 2D field ``ddf`` (2, U, V) in voxels as grid lines (U across, V upwards).
-
-    Under the pull-back convention the drawn lines are where each grid point of the target samples the
-    source image.
-    """
-    u = ddf.detach().cpu().float()
-    U, V = u.shape[1:]
-    ii, jj = torch.meshgrid(
-        torch.arange(U, dtype=torch.float32), torch.arange(V, dtype=torch.float32), indexing="ij"
-    )
-    pu, pv = (ii + u[0]).numpy(), (jj + u[1]).numpy()
-    for r in list(range(0, U, step)) + [U - 1]:
-        ax.plot(pu[r], pv[r], color=color, lw=linewidth)
-    for c in list(range(0, V, step)) + [V - 1]:
-        ax.plot(pu[:, c], pv[:, c], color=color, lw=linewidth)
-    ax.set_xlim(-0.5, U - 0.5)
-    ax.set_ylim(-0.5, V - 0.5)
-    ax.set_aspect("equal")
-
-
-def plot_velocity(ax, v: torch.Tensor, step: int = 4, color: str = "C3") -> None:
-    """Arrows of a 2D field ``v`` (2, U, V) in voxels, every ``step`` voxels (U across, V upwards), to scale."""
-    v = v.detach().cpu().float()
-    U, V = v.shape[1:]
-    ii, jj = torch.meshgrid(torch.arange(0, U, step), torch.arange(0, V, step), indexing="ij")
-    sub = v[:, ::step, ::step]
-    ax.quiver(ii, jj, sub[0], sub[1], angles="xy", scale_units="xy", scale=1, color=color, width=0.004)
-    ax.set_xlim(-0.5, U - 0.5)
-    ax.set_ylim(-0.5, V - 0.5)
-    ax.set_aspect("equal")
-
-
-def slice_field(ddf: torch.Tensor, axis: int, index: int) -> torch.Tensor:
-    """The in-plane components of a 3D field (3, H, W, D) on slice ``index`` of ``axis`` → (2, ·, ·)."""
-    keep = [c for c in range(3) if c != axis]
-    return ddf.select(axis + 1, index)[keep]

@@ -466,26 +466,6 @@ def codebook_usage(tokens: Tokens, name: str) -> dict[str, Any]:
     }
 
 
-def plot_codebook_comparison(token_sets: dict[str, Tokens], axes=None):
-    """Side by side, for each token set: the share of tokens taken by each code, codes sorted by
-    frequency (log scale), the x axis the whole codebook. Returns the figure."""
-    import matplotlib.pyplot as plt
-
-    if axes is None:
-        _, axes = plt.subplots(1, len(token_sets), figsize=(5.5 * len(token_sets), 3.2), sharey=True)
-    for ax, (name, t) in zip(list(axes), token_sets.items()):
-        counts = torch.bincount(t.tokens.flatten(), minlength=t.codebook_size).sort(descending=True).values
-        share = counts.double() / counts.sum()
-        stats = codebook_stats(counts)
-        ax.bar(range(stats.used), share[: stats.used].numpy(), width=1.0)  # unused codes have no bar
-        ax.set(yscale="log", xlim=(-0.5, t.codebook_size - 0.5), xlabel="code (sorted by frequency)")
-        ax.set_title(f"{name}: {stats.used} of {t.codebook_size} codes, perplexity {stats.perplexity:.1f}")
-    list(axes)[0].set_ylabel("share of tokens")
-    fig = list(axes)[0].figure
-    fig.tight_layout()
-    return fig
-
-
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
@@ -575,26 +555,6 @@ def motion_kept(x: torch.Tensor, probs: torch.Tensor, threshold: float = 0.5) ->
         dice(m_hat, m, dims).float() - dice(m_hat, f, dims).float()
     )
     return MotionKept(pair_in, pair_rec, 1 - pair_in, contrast)
-
-
-def plot_motion_kept(cases, kept: MotionKept, ax=None):
-    """Per pair: Dice(fixed, moving) of inputs and reconstructions, and the motion contrast of both."""
-    import matplotlib.pyplot as plt
-
-    axes = ax if ax is not None else plt.subplots(1, 2, figsize=(9.5, 3.4))[1]
-    idx = torch.arange(len(cases))
-    for a, (vin, vrec), title in zip(
-        axes,
-        ((kept.pair_inputs, kept.pair_recon), (kept.contrast_inputs, kept.contrast_recon)),
-        ("Dice(fixed, moving): higher = more alike", "motion contrast: 0 = motion lost"),
-    ):
-        a.bar(idx - 0.2, vin, 0.4, label="inputs", color="C0")
-        a.bar(idx + 0.2, vrec, 0.4, label="reconstructions", color="C1")
-        a.set_xticks(idx, list(cases), rotation=90 if len(cases) > 8 else 0, fontsize=9)
-        a.set_ylim(0, 1)
-        a.set_title(title)
-    axes[0].legend(loc="lower right", fontsize=9)
-    return axes
 
 
 class VQAEStep(NamedTuple):
@@ -910,79 +870,54 @@ def encode_pairs(
     return result
 
 
-# --------------------------------------------------------------------------------------------------
-# Figures (used by the notebook)
-# --------------------------------------------------------------------------------------------------
+class RestartComparison(NamedTuple):
+    """What :func:`compare_restarts` returns: the second run (``ablation``), one table row per model
+    compared, the ``step`` they are compared at, and each run's history keyed by "restarts on?"."""
+
+    ablation: VQAETrainResult
+    rows: list[dict[str, Any]]
+    step: int
+    histories: dict[bool, list[dict[str, float]]]
 
 
-def plot_history(history: list[dict[str, float]], title: str = "VQ-AE training", axes=None):
-    """Loss, training Dice and codebook perplexity against the step. Returns the matplotlib figure."""
-    import matplotlib.pyplot as plt
-
-    if axes is None:
-        fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
-    fig = axes[0].figure
-    steps = [h["step"] for h in history]
-    axes[0].plot(steps, [h["loss"] for h in history], lw=0.8)
-    axes[0].set(xlabel="step", ylabel="loss", title="loss (CE + 0.1·codebook)", yscale="log")
-    axes[1].plot(steps, [h["dice"] for h in history], lw=0.8)
-    axes[1].set(xlabel="step", ylabel="Dice", title="training-patch Dice", ylim=(0, 1))
-    logged = [h for h in history if "perplexity" in h]
-    axes[2].plot([h["step"] for h in logged], [h["perplexity"] for h in logged], marker=".")
-    axes[2].set(xlabel="step", ylabel="perplexity", title="codebook perplexity per window")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def central_slab(size: int, fraction: float = 1 / 8) -> tuple[int, int]:
-    """``[start, stop)`` of a slab ``fraction`` of ``size`` thick (at least 1) around the middle of an axis."""
-    half = max(1, round(size * fraction / 2))
-    return size // 2 - half, size // 2 + half
-
-
-def plot_reconstructions(
-    inputs: torch.Tensor,
-    probs: torch.Tensor,
-    cases: list[str],
-    dice_scores=None,
-    n: int = 3,
-    axis: int = 1,
-    slab: tuple[int, int] | None = None,
-):
-    """Input pairs (top) above their reconstructions P(vessel) > 0.5 (bottom): maximum-intensity
-    projections along ``axis`` over ``slab`` (default: the central eighth; a thin slab shows single
-    vessels, the whole volume only the lung's outline), fixed blue and moving orange as in the paper.
-    Returns the figure."""
-    import matplotlib.pyplot as plt
-
-    from regdiff_core.data import plot_mip_overlay
-
-    n = min(n, inputs.shape[0])
-    slab = slab if slab is not None else central_slab(inputs.shape[2 + axis])
-    fig, axes = plt.subplots(2, n, figsize=(3.4 * n, 6.4), squeeze=False)
-    for i in range(n):
-        x, recon = inputs[i], (probs[i] > 0.5).float()
-        plot_mip_overlay(x[0], x[1], axis=axis, slab=slab, ax=axes[0, i], title=f"case {cases[i]}: input")
-        score = "" if dice_scores is None else f" (Dice {float(dice_scores[i].mean()):.2f})"
-        plot_mip_overlay(
-            recon[0], recon[1], axis=axis, slab=slab, ax=axes[1, i], title=f"reconstruction{score}"
+def compare_restarts(
+    profile: Profile,
+    work_dir: str | Path,
+    device: torch.device,
+    seed: int,
+    result: VQAETrainResult,
+    x_test: torch.Tensor,
+) -> RestartComparison:
+    """Chapter 2's dead-code-restart experiment: train a second VQ-AE with ``dead_code_restart`` the other
+    way round for ``vqae.ablation_iterations`` steps (all of them if 0; run ``vqae_ablation``), and score
+    both runs at that step — the first from its snapshot (``snapshot_at`` in :func:`train`), or its end —
+    and the first run at its end, on ``x_test``: codes used and perplexity in the last logging window,
+    codes in the test tokens and test Dice. ``result``: the first run, :func:`train`'s result."""
+    other = not profile.vqae.dead_code_restart
+    k = profile.vqae.ablation_iterations or profile.vqae.iterations
+    ablation = train(
+        profile, work_dir, device, seed, dead_code_restart=other, stop_after=k, run_name="vqae_ablation"
+    )
+    # the first run's model after k steps (saved by snapshot_at), or its end if k is all of it
+    first_at_k = result.model
+    if k < len(result.history):
+        first_at_k = load_vqae(profile, work_dir, device, path=snapshot_path(Path(work_dir) / "vqae", k))
+    # (restarts on?, model, its training history): both runs at step k, then the first run at its end
+    compared = [(other, ablation.model, ablation.history), (not other, first_at_k, result.history[:k])]
+    if k < len(result.history):
+        compared.append((not other, result.model, result.history))
+    rows = []
+    for restart, model, history in compared:
+        logged = [h for h in history if "perplexity" in h]
+        rec_k = reconstruct(model, x_test, device, amp=profile.vqae.amp)
+        rows.append(
+            {
+                "dead-code restarts": "on" if restart else "off",
+                "steps": len(history),
+                "codes used (last window)": int(logged[-1]["codebook_used"]),
+                "perplexity (last window)": logged[-1]["perplexity"],
+                "codes in test tokens": token_stats(rec_k.tokens, profile.vqae.codebook_size).used,
+                "test Dice": float(rec_k.dice.mean()),
+            }
         )
-    fig.suptitle(f"maximum projection over slab {slab[0]}–{slab[1]} of axis {axis}")
-    fig.tight_layout()
-    return fig
-
-
-def plot_codebook_usage(tokens: torch.Tensor, codebook_size: int, ax=None):
-    """Histogram of how often each code occurs in ``tokens``, codes sorted by frequency. Returns the figure."""
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(7, 3))
-    counts = torch.bincount(tokens.flatten(), minlength=codebook_size).sort(descending=True).values
-    ax.bar(range(codebook_size), counts.numpy(), width=1.0)
-    ax.set(yscale="log", xlabel="code (sorted by frequency)", ylabel="occurrences")
-    used = int((counts > 0).sum())
-    ax.set_title(f"{used} of {codebook_size} codes occur in {tokens.numel()} tokens")
-    ax.figure.tight_layout()
-    return ax.figure
+    return RestartComparison(ablation, rows, k, {other: ablation.history, not other: result.history})
