@@ -1,0 +1,3 @@
+"""Chapter diffusion's files (see :mod:`regdiff_core.store`)."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Chapter sampling's files (see :mod:`regdiff_core.store`)."""
+
+from __future__ import annotations
