@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from regdiff_core import bench, data, diffusion, distributed, metrics, registration, sampling, vqae
+from regdiff_core import bench, data, diffusion, distributed, metrics, registration, store, vqae
 from regdiff_core.config import ALL_TEST_CASES, BENCHMARK_TEST_CASES, ConfigError, Profile, get_profile
 from regdiff_core.utils import (
     default_data_dir,
@@ -243,7 +243,7 @@ def add_sample(subparsers, common) -> None:
 def run_sample(args, profile: Profile) -> int:
     device = resolve_device(args.device)
     seed_everything(args.seed)
-    report = sampling.sample_to_disk(
+    report = store.sampling.sample_to_disk(
         profile, Path(args.work_dir), device, n=args.n, out_dir=args.out, seed=args.seed,
         nifti=False if args.no_nifti else None, progress=not args.no_progress,
     )  # fmt: skip
@@ -252,7 +252,7 @@ def run_sample(args, profile: Profile) -> int:
         f"decoding, {report.network_calls} denoiser calls, export {report.seconds_export:.1f} s)"
     )
     if args.out is None:  # the reference set of the `reconstructions` regime, beside the synthetic pairs
-        recon = sampling.write_reconstructions(profile, Path(args.work_dir), device)
+        recon = store.sampling.write_reconstructions(profile, Path(args.work_dir), device)
         print(f"[sample] {len(recon)} VQ-AE reconstructions of the training pairs → {recon[0].parent}")
     return 0
 
@@ -286,10 +286,10 @@ def run_train_registration(args, profile: Profile) -> int:
     for regime in [args.regime] if args.regime else profile.registration.regimes:
         for run in range(args.runs if args.runs is not None else runs.get(regime, 1)):
             seed_everything(args.seed + run)
-            result = registration.train_regime(profile, regime, Path(args.work_dir), device, run=run)
+            result = store.registration.train_regime(profile, regime, Path(args.work_dir), device, run=run)
             last = result.history[-1]["loss"] if result.history else float("nan")
             print(
-                f"{registration.run_name(regime, run)}: {result.n_pairs} pairs, final loss {last:.4f}, "
+                f"{store.registration.run_name(regime, run)}: {result.n_pairs} pairs, final loss {last:.4f}, "
                 f"{result.seconds:.1f} s → {result.path}"
             )
     return 0
@@ -327,7 +327,7 @@ def run_evaluate(args, profile: Profile) -> int:
     landmarks = data.load_landmarks(profile, args.data_dir, test.cases)
     model = None
     if args.checkpoint != "identity":
-        model = registration.load_registration(profile, args.work_dir, args.checkpoint, device)
+        model = store.registration.load_registration(profile, args.work_dir, args.checkpoint, device)
     label, regime = metrics.checkpoint_label(model, args.checkpoint)
     tta = profile.evaluation.tta_iterations if args.tta is None else args.tta
     # torchrun: each rank evaluates its share of the test pairs; rank 0 gets them all back and reports

@@ -50,6 +50,10 @@ Everything is dimension-generic (2D fields ``(B, 2, H, W)`` work as 3D ones do).
 not multiples of the UNet's total stride (8) — ci's 32×26×32 — is zero-padded at its far ends for the
 network and cropped back; the paper's 128×104×128 needs no padding, so paper-scale results are unaffected.
 
+Training: :func:`greedy_iteration` is one iteration of both steps, :func:`train_registration` the run
+on a regime's pairs; which pairs, where a run is kept and its model file are
+:mod:`regdiff_core.store.registration`.
+
 Differences from the authors' code (the seed) and why: one list, on the book's profiles page
 (``book/profiles.md``; ``SEED_DIFFERENCES`` in ``book/_tools/bookpages.py``).
 
@@ -74,13 +78,12 @@ from monai.networks.nets import UNet
 
 from regdiff_core import distributed
 from regdiff_core.config import (
-    CANONICAL_SHAPE,
     RELEASE_TRAIN_CASES,
     Profile,
     RegistrationConfig,
 )
-from regdiff_core.training import CHECKPOINT_FILE, CheckpointError, load_weights, read_checkpoint, train_loop
-from regdiff_core.utils import atomic_torch_save, autocast
+from regdiff_core.training import CHECKPOINT_FILE, train_loop
+from regdiff_core.utils import autocast
 
 # --------------------------------------------------------------------------------------------------
 # The displacement convention (see the module docstring) and the operations built on it.
@@ -298,7 +301,7 @@ class TwoStepRegistration(nn.Module):
             for _ in range(2)
         )
         self.multiple = math.prod(cfg.strides)
-        #: how many pairs it was trained on (set by :func:`train_regime` and :func:`load_registration`)
+        #: how many pairs it was trained on (set by :func:`train_registration` and :func:`~regdiff_core.store.registration.load_registration`)
         self.n_train_pairs: int | None = None
 
     def _net(self, step: int, x: torch.Tensor) -> torch.Tensor:
@@ -445,114 +448,10 @@ REGIMES: dict[str, str] = {
 }
 
 
-def run_name(regime: str, run: int = 0) -> str:
-    """The folder name of a regime's training run: ``run`` 0 is ``<regime>``, run k > 0 ``<regime>-run<k>``.
-
-    Chapter 5 trains several runs (seeds) of the regimes the paper's claim rests on
-    (``registration.seeds`` runs of each regime in ``registration.seed_regimes``), so that chapter 6 can
-    tell a difference between regimes from the spread between seeds.
-    """
-    if regime not in REGIMES:
-        raise ValueError(f"unknown regime {regime!r}; choose one of {sorted(REGIMES)}")
-    if run < 0:
-        raise ValueError(f"run must be >= 0, got {run}")
-    return regime if run == 0 else f"{regime}-run{run}"
-
-
 def regime_runs(profile: Profile) -> dict[str, int]:
     """How many training runs (seeds) chapter 5 trains per regime of ``registration.regimes``."""
     cfg = profile.registration
     return {r: cfg.seeds if r in cfg.seed_regimes else 1 for r in cfg.regimes}
-
-
-#: Upper bound on the synthetic pairs :class:`RegimeData` keeps decoded in memory (bytes, fp16 as stored).
-SYNTHETIC_CACHE_BYTES = 2 * 1024**3
-
-
-class RegimeData:
-    """Training pairs of one regime at the profile resolution, served batch by batch.
-
-    ``fixed``, ``moving`` (N_mem, *S): pairs held in memory in their own dtype (the real pairs as ``uint8``
-    masks, a quarter of float32); ``synthetic_files``: further pairs that stay on disk (chapter 4's npz,
-    fp16 P(vessel)) and are read when a batch needs them, through a least-recently-used cache of at most
-    ``cache_bytes``. So host memory does not grow with ``n_synthetic`` (at paper size 256 float32 pairs
-    would be about 28 GB). Pair ``i < N_mem`` is in memory, the others are files in order.
-    """
-
-    def __init__(
-        self,
-        regime: str,
-        cases: Sequence[str],
-        fixed: torch.Tensor,
-        moving: torch.Tensor,
-        n_real: int,
-        n_synthetic: int,
-        synthetic_files: Sequence[str | Path] = (),
-        cache_bytes: int = SYNTHETIC_CACHE_BYTES,
-    ) -> None:
-        import collections
-
-        self.regime, self.cases = regime, list(cases)
-        self.fixed, self.moving = fixed, moving
-        self.n_real, self.n_synthetic = n_real, n_synthetic
-        self.synthetic_files = [Path(p) for p in synthetic_files]
-        self.cache_bytes = int(cache_bytes)
-        self._cache: collections.OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = (
-            collections.OrderedDict()
-        )
-        self._cached_bytes = 0
-        if len(self.cases) != len(self):
-            raise ValueError(f"regime {regime!r}: {len(self.cases)} case names for {len(self)} pairs")
-        if self.synthetic_files:
-            first = self._synthetic(0)[0]
-            if len(fixed) and tuple(first.shape) != tuple(fixed.shape[1:]):
-                raise ValueError(
-                    f"regime {regime!r}: real and synthetic pairs differ in shape "
-                    f"{sorted({tuple(fixed.shape[1:]), tuple(first.shape)})}"
-                )
-            self._shape = tuple(first.shape)
-        else:
-            self._shape = tuple(fixed.shape[1:])
-
-    def __len__(self) -> int:
-        return len(self.fixed) + len(self.synthetic_files)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Spatial shape (H, W, D) of every pair."""
-        return self._shape
-
-    def _synthetic(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if j in self._cache:
-            self._cache.move_to_end(j)
-            return self._cache[j]
-        from regdiff_core.sampling import read_synthetic_pair
-
-        pair = read_synthetic_pair(self.synthetic_files[j])
-        size = sum(t.numel() * t.element_size() for t in pair)
-        while self._cache and self._cached_bytes + size > self.cache_bytes:
-            _, old = self._cache.popitem(last=False)
-            self._cached_bytes -= sum(t.numel() * t.element_size() for t in old)
-        if size <= self.cache_bytes:
-            self._cache[j] = pair
-            self._cached_bytes += size
-        return pair
-
-    def pair(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pair ``i`` as stored: ``(fixed, moving)`` (*S) in its own dtype."""
-        n_mem = len(self.fixed)
-        if i < n_mem:
-            return self.fixed[i], self.moving[i]
-        return self._synthetic(i - n_mem)
-
-    def batch(
-        self, index: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu"
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pairs ``index`` as ``(fixed, moving)`` (B, *S) float32 on ``device``."""
-        pairs = [self.pair(int(i)) for i in index]
-        fixed = torch.stack([f.to(device, torch.float32) for f, _ in pairs])
-        moving = torch.stack([m.to(device, torch.float32) for _, m in pairs])
-        return fixed, moving
 
 
 def few_cases(cases: Sequence[str], n_few: int) -> list[str]:
@@ -564,104 +463,40 @@ def few_cases(cases: Sequence[str], n_few: int) -> list[str]:
     return preferred[:n_few]
 
 
-def regime_data(profile: Profile, work_dir: str | Path, regime: str) -> RegimeData:
-    """Load the training pairs of ``regime`` (one of :data:`REGIMES`) from ``work_dir``."""
-    if regime not in REGIMES:
-        raise ValueError(f"unknown regime {regime!r}; choose one of {sorted(REGIMES)}")
-    cfg = profile.registration
-    fixed = moving = None
-    cases: list[str] = []
-    files: list[Path] = []
-    n_real = 0
-    if regime == "reconstructions":
-        from regdiff_core.sampling import reconstruction_files
-
-        files = reconstruction_files(Path(work_dir))
-        if not files:
-            raise FileNotFoundError(
-                f"no VQ-AE reconstructions in {Path(work_dir) / 'reconstructions'}: run chapter 4 "
-                f"(python -m regdiff_core sample --profile {profile.name}) first"
-            )
-        cases = [f"reconstruction:{p.stem.removeprefix('recon_')}" for p in files]
-        empty = torch.zeros(0, dtype=torch.uint8)
-        return RegimeData(regime, cases, empty, empty, 0, len(files), synthetic_files=files)
-    if regime != "synthetic":
-        from regdiff_core.data import load_pairs
-
-        real = load_pairs(profile, Path(work_dir), "train")
-        keep = list(range(len(real.cases)))
-        if regime in ("real_few", "synthetic_plus_few"):
-            chosen = few_cases(real.cases, cfg.n_few)
-            keep = [real.cases.index(c) for c in chosen]
-        # uint8 masks as prepared: converted to float32 one batch at a time (RegimeData.batch)
-        fixed, moving = real.fixed[keep], real.moving[keep]
-        cases += [real.cases[i] for i in keep]
-        n_real = len(keep)
-    if regime in ("synthetic", "synthetic_plus_few"):
-        from regdiff_core.sampling import synthetic_files
-
-        files = synthetic_files(Path(work_dir))
-        if not files:
-            raise FileNotFoundError(
-                f"no synthetic pairs in {Path(work_dir) / 'synthetic'}: run chapter 4 "
-                f"(python -m regdiff_core sample --profile {profile.name}) first"
-            )
-        if cfg.n_synthetic > len(files):
-            raise ValueError(
-                f"registration.n_synthetic = {cfg.n_synthetic}, but only {len(files)} synthetic pairs exist "
-                f"in {files[0].parent}"
-            )
-        files = files[: cfg.n_synthetic]
-        cases += [f"synthetic:{p.stem}" for p in files]
-    if fixed is None:
-        fixed = moving = torch.zeros(0, dtype=torch.uint8)
-    return RegimeData(regime, cases, fixed, moving, n_real, len(files), synthetic_files=files)
-
-
 # --------------------------------------------------------------------------------------------------
 # Training a regime, saving and loading.
 # --------------------------------------------------------------------------------------------------
 
 
-class TrainedRegistration(NamedTuple):
+class RegistrationRun(NamedTuple):
+    """What :func:`train_registration` returns: the trained ``model`` (eval mode), its ``grid``, the
+    per-iteration ``history``, the ``seconds`` of this call."""
+
     model: TwoStepRegistration
+    grid: tuple[int, ...]
     history: list[dict[str, float]]
     seconds: float
-    n_pairs: int
-    path: Path
 
 
-def _save_model(model: TwoStepRegistration, path: Path, **extra: Any) -> Path:
-    payload = {
-        "nets": [net.state_dict() for net in model.nets],
-        "config": dataclasses.asdict(model.cfg),
-        "spatial_dims": model.spatial_dims,
-        **extra,
-    }
-    return atomic_torch_save(payload, path)
-
-
-def train_regime(
-    profile: Profile,
-    regime: str,
-    work_dir: str | Path,
+def train_registration(
+    data: Any,
+    cfg: RegistrationConfig,
     device: torch.device,
     *,
+    out_dir: str | Path | None = None,
+    desc: str = "registration",
     progress: bool = True,
-    data: RegimeData | None = None,
-    run: int = 0,
-) -> TrainedRegistration:
-    """Train both steps on ``regime``'s pairs (greedy, as the seed) and save ``registration/<name>/model.pt``
-    with ``<name>`` = :func:`run_name` (``regime`` for run 0).
+) -> RegistrationRun:
+    """Train both steps greedily (as the seed) on ``data``'s pairs for ``cfg.iterations`` iterations.
 
-    Resumes from ``registration/<name>/checkpoint.pt`` if present (a finished run returns at once).
-    ``data`` may be given directly (tests); otherwise it is loaded from ``work_dir``. The run's randomness
-    (initial weights, batches) comes from the global RNG: seed it before the call (chapter 5 and the CLI
-    use seed + run).
+    ``data``: anything with ``cases``, ``shape`` and ``batch(index, device) -> (fixed, moving)`` — the
+    :class:`~regdiff_core.store.registration.RegimeData` of a regime. Each iteration draws a random batch
+    (``randperm(n)[:batch]``, as the seed), resamples it to the registration grid and runs
+    :func:`greedy_iteration`. With ``out_dir``, the checkpoint (``checkpoint.pt``) and ``history.csv`` go
+    there and an existing checkpoint of the same pairs and settings is resumed. The randomness (initial
+    weights, batches) comes from the global RNG: seed it before the call.
     """
-    cfg = profile.registration
-    out_dir = Path(work_dir) / "registration" / run_name(regime, run)
-    data = data if data is not None else regime_data(profile, work_dir, regime)
+    out_dir = Path(out_dir) if out_dir is not None else None
     grid = registration_grid(data.shape, cfg.scale)
     model = build_registration(cfg, spatial_dims=len(data.shape)).to(device)
     optimizers = make_optimizers(model, cfg.lr)
@@ -670,7 +505,7 @@ def train_regime(
     n = len(data.cases)
     batch = distributed.rank_batch(cfg.batch_size, "registration.batch_size")  # torchrun: this rank's share
 
-    def step_fn(step: int) -> dict[str, float]:
+    def step_fn(step: int) -> dict[str, torch.Tensor]:
         # a random batch of pairs, as the seed: randperm(n)[:batch]
         idx = torch.randperm(n)[:batch]
         fixed, moving = data.batch(idx, device)  # float32 (B, *S); synthetic pairs read from disk
@@ -686,74 +521,20 @@ def train_regime(
         step_fn,
         state,
         cfg.iterations,
-        ckpt_path=out_dir / CHECKPOINT_FILE,
+        ckpt_path=out_dir / CHECKPOINT_FILE if out_dir is not None else None,
         ckpt_every=cfg.ckpt_every,
         log_every=cfg.log_every,
-        history_csv=out_dir / "history.csv",
-        desc=f"registration {run_name(regime, run)}",
+        history_csv=out_dir / "history.csv" if out_dir is not None else None,
+        desc=desc,
         progress=progress,
         stage="registration",
         settings=dataclasses.asdict(cfg),
         inputs={"cases": list(data.cases), "shape": list(data.shape)},  # other pairs: set aside
     )
     unwrap()
-    seconds = result.seconds
-    path = _save_model(
-        model, out_dir / "model.pt", regime=regime, run=run, grid=grid, n_pairs=n, cases=data.cases
-    )
     model.n_train_pairs = n
     model.eval()
-    return TrainedRegistration(model, result.history, seconds, n, path)
-
-
-def load_registration(
-    profile: Profile, work_dir: str | Path, regime_or_path: str | Path, device: torch.device, *, run: int = 0
-) -> TwoStepRegistration:
-    """A trained model: a regime name (→ ``work_dir/registration/<regime>/model.pt``, or the folder of
-    :func:`run_name` for ``run`` > 0) or a file path.
-
-    Accepts this package's ``model.pt`` and the paper's released ``regnets_state_*.pth`` (a list of two
-    UNet state dicts, fp16 or fp32, possibly ``torch.compile``-prefixed; built with the paper's config).
-    """
-    path = Path(regime_or_path)
-    if str(regime_or_path) in REGIMES:
-        path = Path(work_dir) / "registration" / run_name(str(regime_or_path), run) / "model.pt"
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{path} does not exist: train it with chapter 5 "
-                f"(python -m regdiff_core train-registration --profile {profile.name} --regime {regime_or_path})"
-            )
-    if not path.exists():
-        raise FileNotFoundError(f"registration checkpoint {path} does not exist")
-    payload = read_checkpoint(
-        path, "registration model", "Move it away and rerun `python -m regdiff_core train-registration`."
-    )
-    regime = None
-    if isinstance(payload, dict) and "nets" in payload:
-        cfg = RegistrationConfig(**_tuples(payload["config"]))
-        states, dims, n_pairs = payload["nets"], payload.get("spatial_dims", 3), payload.get("n_pairs")
-        regime = payload.get("regime")
-    elif isinstance(payload, list | tuple) and len(payload) == 2:  # the seed's released networks
-        cfg, states, dims, n_pairs = released_config(profile), list(payload), 3, None
-    else:
-        raise CheckpointError(f"{path}: neither a chapter-5 model.pt nor a list of two UNet state dicts")
-    model = build_registration(cfg, dims)
-    for k, (net, sd) in enumerate(zip(model.nets, states)):
-        load_weights(net, sd, name=f"{path} (network {k + 1})")
-    model.n_train_pairs = n_pairs
-    model.regime = regime  # the regime it was trained on (chapter 5's model.pt), None for other files
-    return model.to(device).eval()
-
-
-def _tuples(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-
-
-def released_config(profile: Profile) -> RegistrationConfig:
-    """The paper's registration settings, with ``scale`` chosen so that the grid is the paper's 128×104×128
-    for this profile's volumes (paper: ½; colab: 1; ci: 2, i.e. the 4 mm masks upsampled — approximate)."""
-    scale = CANONICAL_SHAPE[0] / 2 / profile.data.shape[0]
-    return dataclasses.replace(RegistrationConfig(), scale=scale)
+    return RegistrationRun(model, grid, result.history, result.seconds)
 
 
 # --------------------------------------------------------------------------------------------------

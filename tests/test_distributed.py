@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 
 from regdiff_core import distributed, vqae
 from regdiff_core.config import DiffusionConfig, VQAEConfig, get_profile
+from regdiff_core.store import registration as SR
 from regdiff_core.training import read_checkpoint
 
 WORLD = 2
@@ -140,10 +141,9 @@ class _FixedPairs:
 
 
 def registration_step(out_dir: Path) -> dict:
-    from regdiff_core import registration
 
     torch.manual_seed(0)
-    res = registration.train_regime(
+    res = SR.train_regime(
         get_profile("ci", REG), "real_all", out_dir, torch.device("cpu"), progress=False, data=_FixedPairs()
     )
     return {"params": _params(res.model), "grads": _grads(res.model), "history": res.history}
@@ -182,7 +182,7 @@ def _tiny_sampler():
 
 
 def sample(work_dir: Path, n: int = 5) -> None:
-    from regdiff_core.sampling import sample_to_disk
+    from regdiff_core.store.sampling import sample_to_disk
 
     profile, denoiser, model = _tiny_sampler()
     sample_to_disk(
@@ -380,7 +380,7 @@ def test_two_rank_run_resumes_bit_for_bit(two_ranks):
 
 
 def test_two_rank_sample_is_the_one_process_sample(two_ranks, tmp_path, one_thread):
-    from regdiff_core.sampling import load_synthetic, load_synthetic_tokens
+    from regdiff_core.store.sampling import load_synthetic, load_synthetic_tokens
 
     sample(tmp_path)
     two = two_ranks.root / "sample"

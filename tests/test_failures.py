@@ -29,8 +29,10 @@ import torch
 import data_download
 from data_download import core
 from data_download.mirror import serve
-from regdiff_core import cli, data, diffusion, sampling, vqae
+from regdiff_core import cli, data, diffusion, vqae
 from regdiff_core.config import RANGES, STAGES, ConfigError, get_profile
+from regdiff_core.store import registration as SR
+from regdiff_core.store import sampling as stored_sampling
 from regdiff_core.training import NonFiniteLossError, NonFiniteStateError, train_loop
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -263,19 +265,17 @@ def test_resume_applies_a_new_learning_rate_to_the_schedule(tmp_path, capsys):
 
 
 def test_resume_with_a_new_registration_lr_trains_at_that_lr(tmp_path, capsys):
-    from regdiff_core import registration as R
-
     g = torch.Generator().manual_seed(0)
     fixed = (torch.rand(4, 16, 12, 16, generator=g) > 0.6).float()
-    regime = R.RegimeData("real_all", ["a", "b", "c", "d"], fixed, torch.roll(fixed, 1, dims=1), 4, 0)
+    regime = SR.RegimeData("real_all", ["a", "b", "c", "d"], fixed, torch.roll(fixed, 1, dims=1), 4, 0)
     tiny = {"registration.channels": "4,8,8,8,8,8", "registration.scale": "1.0", "registration.batch_size": "2",
             "registration.ckpt_every": "1"}  # fmt: skip
     first = get_profile("ci", {**tiny, "registration.iterations": "2"})
     assert first.registration.lr == 0.015
-    R.train_regime(first, "real_all", tmp_path, torch.device("cpu"), progress=False, data=regime)
+    SR.train_regime(first, "real_all", tmp_path, torch.device("cpu"), progress=False, data=regime)
     capsys.readouterr()
     again = get_profile("ci", {**tiny, "registration.iterations": "3", "registration.lr": "0.001"})
-    R.train_regime(again, "real_all", tmp_path, torch.device("cpu"), progress=False, data=regime)
+    SR.train_regime(again, "real_all", tmp_path, torch.device("cpu"), progress=False, data=regime)
     out = capsys.readouterr().out
     assert "opt1 lr 0.015 → 0.001" in out and "opt2 lr 0.015 → 0.001" in out and "iterations 2 → 3" in out
     saved = torch.load(tmp_path / "registration/real_all/checkpoint.pt", weights_only=True)
@@ -464,7 +464,7 @@ def test_a_sample_that_fails_half_way_keeps_the_previous_pairs(tmp_path, monkeyp
         "ci", {"sampling.steps": "2", "sampling.batch_size": "1", "sampling.export_nifti": "false"}
     )
     den, vq = _tiny_models()
-    real_export, written = sampling.export_pair, []
+    real_export, written = stored_sampling.export_pair, []
 
     def dies_on_the_second(*args, **kwargs):
         if written:
@@ -472,9 +472,9 @@ def test_a_sample_that_fails_half_way_keeps_the_previous_pairs(tmp_path, monkeyp
         written.append(real_export(*args, **kwargs))
         return written[-1]
 
-    monkeypatch.setattr(sampling, "export_pair", dies_on_the_second)
+    monkeypatch.setattr(stored_sampling, "export_pair", dies_on_the_second)
     with pytest.raises(OSError, match="disk full"):
-        sampling.sample_to_disk(
+        stored_sampling.sample_to_disk(
             profile, tmp_path, torch.device("cpu"), n=2, progress=False, denoiser=den, vqae=vq
         )
     assert written and snapshot(tmp_path) == before  # the new first pair never replaced the old ones
@@ -483,12 +483,12 @@ def test_a_sample_that_fails_half_way_keeps_the_previous_pairs(tmp_path, monkeyp
         *(f"synth_{i:04d}.npz" for i in (1, 2, 3)),
     ]
     # a complete run replaces them all (and removes the old third pair)
-    monkeypatch.setattr(sampling, "export_pair", real_export)
-    sampling.sample_to_disk(
+    monkeypatch.setattr(stored_sampling, "export_pair", real_export)
+    stored_sampling.sample_to_disk(
         profile, tmp_path, torch.device("cpu"), n=2, progress=False, denoiser=den, vqae=vq
     )
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "synth_0001.npz", "synth_0002.npz"]
-    assert sampling.load_synthetic(tmp_path).fixed.shape == (2, 8, 8, 8)
+    assert stored_sampling.load_synthetic(tmp_path).fixed.shape == (2, 8, 8, 8)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from monai.networks.nets import UNet
 from regdiff_core import reference
 from regdiff_core import registration as R
 from regdiff_core.config import EvaluationConfig, RegistrationConfig, get_profile
+from regdiff_core.store import registration as SR
 
 TINY = RegistrationConfig(channels=(4, 8, 8, 8, 8, 8), ss_steps=12)
 
@@ -258,7 +259,7 @@ def test_train_regime_saves_resumes_and_loads(tmp_path):
     g = torch.Generator().manual_seed(0)
     fixed = (torch.rand(4, 16, 12, 16, generator=g) > 0.6).float()
     moving = torch.roll(fixed, 1, dims=1)
-    data = R.RegimeData("real_all", ["a", "b", "c", "d"], fixed, moving, 4, 0)
+    data = SR.RegimeData("real_all", ["a", "b", "c", "d"], fixed, moving, 4, 0)
     profile = get_profile(
         "ci",
         {
@@ -270,20 +271,20 @@ def test_train_regime_saves_resumes_and_loads(tmp_path):
         },
     )
     torch.manual_seed(0)
-    first = R.train_regime(profile, "real_all", tmp_path, torch.device("cpu"), progress=False, data=data)
+    first = SR.train_regime(profile, "real_all", tmp_path, torch.device("cpu"), progress=False, data=data)
     assert [h["step"] for h in first.history] == [1, 2, 3]
     assert {"loss", "loss_step1", "loss_step2"} <= set(first.history[0])
     assert (tmp_path / "registration/real_all/history.csv").exists()
-    again = R.train_regime(profile, "real_all", tmp_path, torch.device("cpu"), progress=False, data=data)
+    again = SR.train_regime(profile, "real_all", tmp_path, torch.device("cpu"), progress=False, data=data)
     assert again.history == first.history  # resumed at the end: nothing retrained
-    loaded = R.load_registration(profile, tmp_path, "real_all", torch.device("cpu"))
+    loaded = SR.load_registration(profile, tmp_path, "real_all", torch.device("cpu"))
     for a, b in zip(loaded.state_dict().values(), first.model.state_dict().values()):
         assert torch.equal(a, b)
 
 
 def test_missing_model_names_the_stage(tmp_path):
     with pytest.raises(FileNotFoundError, match="train-registration --profile ci --regime synthetic"):
-        R.load_registration(get_profile("ci"), tmp_path, "synthetic", torch.device("cpu"))
+        SR.load_registration(get_profile("ci"), tmp_path, "synthetic", torch.device("cpu"))
 
 
 def test_released_network_format_loads(tmp_path):
@@ -292,7 +293,7 @@ def test_released_network_format_loads(tmp_path):
     # the seed saves the uncompiled modules; accept fp16 copies and compile prefixes too
     states = [{f"_orig_mod.{k}": v.half() for k, v in n.state_dict().items()} for n in nets]
     torch.save(states, tmp_path / "regnets_state_synth.pth")
-    model = R.load_registration(get_profile("ci"), tmp_path, tmp_path / "regnets_state_synth.pth", "cpu")
+    model = SR.load_registration(get_profile("ci"), tmp_path, tmp_path / "regnets_state_synth.pth", "cpu")
     assert model.cfg.channels == (8, 16, 32, 64, 64, 64)
     assert model.cfg.scale == 2.0  # ci's 64×52×64 volumes → the paper's 128×104×128 grid
     w = nets[1].state_dict()["model.0.conv.weight"].half().float()
@@ -345,7 +346,7 @@ def test_cli_stages_are_registered():
 def test_regime_data_streams_synthetic_pairs_through_a_bounded_cache(tmp_path):
     """Synthetic pairs stay on disk: a batch reads them (the same values load_synthetic gives), and the
     cache never holds more than its byte bound; real pairs stay uint8 until a batch converts them."""
-    from regdiff_core.sampling import export_pair, load_synthetic
+    from regdiff_core.store.sampling import export_pair, load_synthetic
 
     g = torch.Generator().manual_seed(0)
     shape = (8, 6, 8)
@@ -355,7 +356,7 @@ def test_regime_data_streams_synthetic_pairs_through_a_bounded_cache(tmp_path):
     files = sorted((tmp_path / "synthetic").glob("synth_*.npz"))
     pair_bytes = 2 * 8 * 6 * 8 * 2  # two fp16 volumes
     real = (torch.rand(2, *shape, generator=g) > 0.5).to(torch.uint8)
-    data = R.RegimeData("synthetic_plus_few", ["r0", "r1"] + [f.stem for f in files], real, real.roll(1, 1),
+    data = SR.RegimeData("synthetic_plus_few", ["r0", "r1"] + [f.stem for f in files], real, real.roll(1, 1),
                         2, 5, synthetic_files=files, cache_bytes=2 * pair_bytes)  # fmt: skip
     assert len(data) == 7 and data.shape == shape and data.fixed.dtype == torch.uint8
     expected = load_synthetic(tmp_path)
@@ -367,7 +368,7 @@ def test_regime_data_streams_synthetic_pairs_through_a_bounded_cache(tmp_path):
     # the LRU keeps the last two read (synthetic 0 and 2 of the files), in that order
     assert list(data._cache) == [0, 2]
     with pytest.raises(ValueError, match="differ in shape"):
-        R.RegimeData("synthetic_plus_few", ["r0"] + [f.stem for f in files], real[:1, :4], real[:1, :4],
+        SR.RegimeData("synthetic_plus_few", ["r0"] + [f.stem for f in files], real[:1, :4], real[:1, :4],
                      1, 5, synthetic_files=files)  # fmt: skip
 
 
@@ -376,7 +377,7 @@ def test_runs_of_a_regime_train_into_their_own_folders_and_load_back(tmp_path):
     (regime, run), and two seeds give two different networks."""
     g = torch.Generator().manual_seed(0)
     fixed = (torch.rand(2, 16, 12, 16, generator=g) > 0.6).float()
-    data = R.RegimeData("real_few", ["a", "b"], fixed, torch.roll(fixed, 1, dims=1), 2, 0)
+    data = SR.RegimeData("real_few", ["a", "b"], fixed, torch.roll(fixed, 1, dims=1), 2, 0)
     profile = get_profile(
         "ci",
         {"registration.channels": "4,8,8,8,8,8", "registration.scale": "1.0", "registration.iterations": "2"},
@@ -385,20 +386,20 @@ def test_runs_of_a_regime_train_into_their_own_folders_and_load_back(tmp_path):
     for run in (0, 1):
         torch.manual_seed(run)
         nets.append(
-            R.train_regime(
+            SR.train_regime(
                 profile, "real_few", tmp_path, torch.device("cpu"), progress=False, data=data, run=run
             )
         )
     assert (tmp_path / "registration/real_few/model.pt").exists()
     assert (tmp_path / "registration/real_few-run1/model.pt").exists()
-    loaded = R.load_registration(profile, tmp_path, "real_few", torch.device("cpu"), run=1)
+    loaded = SR.load_registration(profile, tmp_path, "real_few", torch.device("cpu"), run=1)
     for a, b in zip(loaded.state_dict().values(), nets[1].model.state_dict().values()):
         assert torch.equal(a, b)
     w0, w1 = (n.model.nets[0].state_dict()["model.0.conv.weight"] for n in nets)
     assert not torch.equal(w0, w1)
-    assert R.run_name("synthetic", 0) == "synthetic" and R.run_name("synthetic", 2) == "synthetic-run2"
+    assert SR.run_name("synthetic", 0) == "synthetic" and SR.run_name("synthetic", 2) == "synthetic-run2"
     with pytest.raises(ValueError, match="unknown regime"):
-        R.run_name("nope")
+        SR.run_name("nope")
 
 
 def test_regime_runs_follow_the_profile():
@@ -413,16 +414,16 @@ def test_regime_runs_follow_the_profile():
 def test_reconstructions_regime_reads_the_decoded_training_pairs(tmp_path):
     """The `reconstructions` regime serves recon_<case>.npz as the synthetic regime serves its pairs, and
     says what to run when they are missing."""
-    from regdiff_core.sampling import RECONSTRUCTIONS_DIR, export_pair
+    from regdiff_core.store.sampling import RECONSTRUCTIONS_DIR, export_pair
 
     profile = get_profile("ci")
     with pytest.raises(FileNotFoundError, match="regdiff_core sample"):
-        R.regime_data(profile, tmp_path, "reconstructions")
+        SR.regime_data(profile, tmp_path, "reconstructions")
     g = torch.Generator().manual_seed(0)
     probs = torch.rand(3, 2, 8, 6, 8, generator=g)
     for case, p in zip(("032", "033", "034"), probs):
         export_pair(tmp_path / RECONSTRUCTIONS_DIR, f"recon_{case}", p[0], p[1], nifti=False)
-    data = R.regime_data(profile, tmp_path, "reconstructions")
+    data = SR.regime_data(profile, tmp_path, "reconstructions")
     assert (data.n_real, data.n_synthetic, len(data)) == (0, 3, 3)
     assert data.cases == ["reconstruction:032", "reconstruction:033", "reconstruction:034"]
     fixed, moving = data.batch([1])

@@ -8,9 +8,11 @@ import os
 import pytest
 import torch
 
-from regdiff_core import diffusion, registration, sampling, training, vqae
+from regdiff_core import diffusion, training, vqae
 from regdiff_core.config import get_profile
 from regdiff_core.data import DataError
+from regdiff_core.store import registration as SR
+from regdiff_core.store import sampling as stored_sampling
 
 
 class _Payload:
@@ -35,7 +37,7 @@ def test_crafted_pickle_runs_nothing_in_any_loader(tmp_path):
     loaders = {
         "read_checkpoint": lambda p: training.read_checkpoint(p),
         "denoiser": lambda p: diffusion.load_denoiser(tmp_path, cpu, path=p),
-        "registration": lambda p: registration.load_registration(profile, tmp_path, p, cpu),
+        "registration": lambda p: SR.load_registration(profile, tmp_path, p, cpu),
         "vqae": lambda p: vqae.load_vqae(profile, tmp_path, cpu, path=p),
     }
     for name, load in loaders.items():
@@ -91,7 +93,7 @@ def test_checkpoints_of_the_training_loop_load_safely(tmp_path):
 def test_a_pair_file_cut_short_names_itself(tmp_path):
     g = torch.Generator().manual_seed(0)
     p = torch.rand(2, 6, 5, 6, generator=g)
-    (path,) = sampling.export_pair(tmp_path / "synthetic", "synth_0001", p[0], p[1], nifti=False)
+    (path,) = stored_sampling.export_pair(tmp_path / "synthetic", "synth_0001", p[0], p[1], nifti=False)
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(DataError, match="synth_0001.npz"):
-        sampling.read_synthetic_pair(path)
+        stored_sampling.read_synthetic_pair(path)

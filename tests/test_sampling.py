@@ -13,16 +13,13 @@ from regdiff_core.data import block_reduce
 from regdiff_core.diffusion import build_denoiser
 from regdiff_core.sampling import (
     dice_matrix,
-    export_pair,
-    load_synthetic,
     nearest_pair_dice,
     pair_dice,
-    sample_to_disk,
-    to_canonical,
     token_histogram,
     token_histogram_distance,
     volume_fraction,
 )
+from regdiff_core.store.sampling import export_pair, load_synthetic, sample_to_disk, to_canonical
 from regdiff_core.vqae import build_vqae
 
 SHAPE = (64, 52, 64)  # the ci shape: the smallest that divides the canonical frame by 4 per axis

@@ -88,7 +88,7 @@ def plot_compositions(phi: torch.Tensor, phi_inv: torch.Tensor, root: torch.Tens
 
 def plot_step_losses(trained: dict):
     """The loss of step 1 and step 2 against the iteration for the first run of each regime (``trained``:
-    (regime, run) → :class:`~regdiff_core.registration.TrainedRegistration`): raw, faint, and a running
+    (regime, run) → :class:`~regdiff_core.store.registration.TrainedRegistration`): raw, faint, and a running
     mean over a tenth of the run."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     first_runs = {r: t for (r, run), t in trained.items() if run == 0}
