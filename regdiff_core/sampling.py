@@ -44,7 +44,7 @@ import torch
 from regdiff_core import distributed
 from regdiff_core.config import CANONICAL_SHAPE, Profile
 from regdiff_core.data import dice, dice_from_counts
-from regdiff_core.diffusion import Denoiser, TokenSamples, load_denoiser, sample_tokens
+from regdiff_core.diffusion import Denoiser, TokenSamples, sample_tokens
 
 if TYPE_CHECKING:
     from regdiff_core.data import PairSet
@@ -230,8 +230,9 @@ def sample_to_disk(
     the set once every rank has finished — the same files as one process with the same seed.
     """
     from regdiff_core.config import ConfigError
+    from regdiff_core.store.diffusion import load_denoiser
+    from regdiff_core.store.vqae import load_vqae
     from regdiff_core.utils import atomic_write_text, remove_orphans
-    from regdiff_core.vqae import load_vqae
 
     cfg = profile.sampling
     work_dir = Path(work_dir)
@@ -333,7 +334,7 @@ def write_reconstructions(
     the training tokens could give with this VQ-AE, so that chapter 6 can tell what the VQ-AE loses from
     what the denoiser fails to learn. Like :func:`sample_to_disk`, the set is replaced only once complete.
     """
-    from regdiff_core.vqae import load_tokens, load_vqae
+    from regdiff_core.store.vqae import load_tokens, load_vqae
 
     work_dir = Path(work_dir)
     tokens = load_tokens(work_dir)

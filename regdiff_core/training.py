@@ -129,6 +129,37 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint", advice: str | No
         ) from err
 
 
+def save_model(
+    path: str | Path, weights: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any], **extra: Any
+) -> Path:
+    """The one model-file layout of the trained stages: ``{"weights": {name: state_dict, …}, "config": {…},
+    **extra}``, written atomically (:func:`regdiff_core.utils.atomic_torch_save`); ``config`` is what the
+    network is built from again (:func:`load_model`), ``extra`` any further numbers (a grid, the steps)."""
+    payload = {"weights": dict(weights), "config": dict(config), **extra}
+    return atomic_torch_save(payload, Path(path))
+
+
+def load_model(path: str | Path, what: str, advice: str) -> dict[str, Any]:
+    """A file written by :func:`save_model`, read safely (:func:`read_checkpoint`, ``weights_only``).
+
+    ``what`` names the kind of file in messages, ``advice`` says what to do. Raises
+    :class:`CheckpointError` naming the file when it is not of that layout (a dict with ``"weights"``, a
+    dict of state dicts, and ``"config"``, a dict); ``FileNotFoundError`` when it is missing."""
+    saved = read_checkpoint(path, what, advice)
+    weights = saved.get("weights") if isinstance(saved, Mapping) else None
+    if (
+        not isinstance(weights, Mapping)
+        or not all(isinstance(w, Mapping) for w in weights.values())
+        or not isinstance(saved.get("config"), Mapping)
+    ):
+        found = sorted(map(str, saved)) if isinstance(saved, Mapping) else type(saved).__name__
+        raise CheckpointError(
+            f"{path} is not a {what} file of this project (expected a dict with 'weights', a dict of state "
+            f"dicts, and 'config'; found {found}). {advice}"
+        )
+    return dict(saved)
+
+
 def _first_line(err: BaseException) -> str:
     """The gist of an error in one line: its first line, and the next one when the first only introduces
     it (``Error(s) in loading state_dict for X:`` → the first size mismatch), at most 300 characters."""
