@@ -17,6 +17,8 @@ backward, optimizer and scheduler updates) and a ``state`` dict of everything wi
   checkpoint, a resumed CPU run continues exactly as the uninterrupted one would have. A learning rate
   changed since the checkpoint is applied (and said so); other changed ``settings`` are listed.
 - a checkpoint that cannot be read or does not fit raises :class:`CheckpointError` naming the file.
+- a stage's trained model (``model.pt``) has one layout, ``{"weights": {name: state_dict}, "config": {…},
+  **extra}``: :func:`save_model` writes it, :func:`load_model` reads it (or names the file that is not it).
 - under ``torchrun`` (:mod:`regdiff_core.distributed`): the logged numbers are averaged over the ranks,
   rank 0 alone writes the checkpoint and the history, the checkpoint keeps every rank's RNG state
   (``rng_ranks``) and a resume gives each rank its own back.
