@@ -122,7 +122,7 @@ def add_vqae(subparsers, common) -> None:
 
 def run_train_vqae(args, profile: Profile) -> int:
     device = resolve_device(args.device)
-    result = vqae.train(profile, args.work_dir, device, args.seed)
+    result = store.vqae.train(profile, args.work_dir, device, args.seed)
     if not distributed.is_main():  # torchrun: rank 0 alone judges and reports the model
         return 0
     test = data.load_pairs(profile, args.work_dir, "test")
@@ -133,18 +133,18 @@ def run_train_vqae(args, profile: Profile) -> int:
         f"train-vqae: {len(result.history)} steps, {result.params} AutoEncoder parameters; "
         f"test Dice {float(rec.dice.mean()):.3f}; codes used {int(last['codebook_used'])}/"
         f"{profile.vqae.codebook_size}, perplexity {last['perplexity']:.1f}; "
-        f"model → {vqae.model_path(args.work_dir)}"
+        f"model → {store.vqae.model_path(args.work_dir)}"
     )
     return 0
 
 
 def run_encode(args, profile: Profile) -> int:
-    tokens = vqae.encode_pairs(
+    tokens = store.vqae.encode_pairs(
         profile, args.work_dir, args.device, split=args.split, batch_size=args.batch_size
     )
     print(
         f"encode: {len(tokens.cases)} pairs → tokens {tuple(tokens.tokens.shape)}, grid {tokens.grid}, "
-        f"{int(tokens.tokens.unique().numel())} distinct codes → {vqae.tokens_path(args.work_dir)}"
+        f"{int(tokens.tokens.unique().numel())} distinct codes → {store.vqae.tokens_path(args.work_dir)}"
     )
     return 0
 
@@ -162,8 +162,8 @@ def add_diffusion(subparsers, common) -> None:
         description=(
             "Train the denoiser. --tokens work (default) uses chapter 2's work_dir/tokens.pt and writes "
             "work_dir/diffusion/. --tokens paper-release uses the paper's own 97 token grids "
-            f"(data_dir/unleashing-registration/{vqae.PAPER_TOKENS_FILE}, codebook 1024, 16x13x16), "
-            f"so no VQ-AE is trained first, and writes work_dir/{diffusion.PAPER_TOKENS_DIR}/. That gives the "
+            f"(data_dir/unleashing-registration/{store.vqae.PAPER_TOKENS_FILE}, codebook 1024, 16x13x16), "
+            f"so no VQ-AE is trained first, and writes work_dir/{store.diffusion.PAPER_TOKENS_DIR}/. That gives the "
             "paper's diffusion model and token samples from it; it cannot give volumes, synthetic pairs "
             "or registration: the paper's VQ-AE that decodes the tokens is not released."
         ),
@@ -185,9 +185,9 @@ def run_train_diffusion(args, profile: Profile) -> int:
     seed_everything(args.seed)
     tokens, out_dir, heldout = None, None, None
     if args.tokens == "paper-release":
-        split = diffusion.paper_tokens(args.data_dir, heldout=args.heldout)
+        split = store.diffusion.paper_tokens(args.data_dir, heldout=args.heldout)
         tokens, heldout = split.train, split.heldout
-        out_dir = Path(args.work_dir) / diffusion.PAPER_TOKENS_DIR
+        out_dir = Path(args.work_dir) / store.diffusion.PAPER_TOKENS_DIR
         use = vqae.codebook_usage(tokens, "paper")
         print(
             f"[train-diffusion] the paper's token grids: {len(tokens.tokens)} for training, "
@@ -197,7 +197,7 @@ def run_train_diffusion(args, profile: Profile) -> int:
         )
     elif args.heldout:
         raise SystemExit("train-diffusion: --heldout needs --tokens paper-release")
-    run = diffusion.train_denoiser(
+    run = store.diffusion.train(
         profile, Path(args.work_dir), device, tokens=tokens, out_dir=out_dir, progress=not args.no_progress
     )
     last = run.history[-1] if run.history else {}

@@ -16,19 +16,21 @@ What is here:
 - :func:`sample_t`, :func:`q_sample`, :func:`weighted_elbo_loss` — the training objective: t ~ U{1..T}/T,
   mask with probability t, cross-entropy on the masked tokens only, weighted by (1 − t), in bits per token.
 - :func:`train_denoiser` — training through the shared :func:`regdiff_core.training.train_loop`
-  (resume, NaN guard, atomic checkpoints), with linear warm-up and optional EMA of the weights;
-  :func:`train_tracked` — the same run, scored on held-out grids every few steps (memorisation shows).
-- :func:`training_tokens`, :func:`augment_pairs` — the training grids: chapter 2's tokens plus, where the
-  profile asks for it (not in the paper), the codes of each training pair mirrored left–right and shifted
-  by half a token. Ten pairs are too few for a transformer: it memorises them (chapter 3 measures it).
+  (resume, NaN guard, atomic checkpoints), with linear warm-up and optional EMA of the weights.
+- :func:`augment_pairs` — the augmented training pairs: where the profile asks for it (not in the paper),
+  each training pair mirrored left–right and shifted by half a token, encoded into extra training grids.
+  Ten pairs are too few for a transformer: it memorises them (chapter 3 measures it).
 - :func:`sample_tokens` — the sampler: all masked; at step i each still-masked token is unmasked with
   probability 1/(S − i), so any number of steps S ≥ 1 unmasks every token; the new token is drawn from
   the temperature-scaled categorical in float64 with a ``torch.Generator``; steps that unmask nothing
   skip the network call.
 - :func:`fill_in`, :func:`evaluate_loss` — one-shot predictions and a held-out loss, for the chapter.
-- :func:`paper_tokens` — the paper's own 97 token grids (from its release, codebook 1024, 16×13×16) as a
-  training set and a held-out set, so the denoiser can be trained on the paper's real training data.
+- :func:`split_tokens` — a token set cut into a training and a held-out set (the paper's own 97 grids).
 - :func:`train_step` — one optimization step (what :mod:`regdiff_core.bench` times for ``make gpu-check``).
+
+The files — ``diffusion/model.pt``, the training folders — and the entry points that read and write them
+(``train``, ``load_denoiser``, ``training_tokens``, ``train_tracked``, ``compare_variants``,
+``paper_tokens``) are in :mod:`regdiff_core.store.diffusion`.
 
 Differences from the authors' code (the seed, ``unleashing_utils.py``) and why: one list, on the
 book's profiles page (``book/profiles.md``; ``SEED_DIFFERENCES`` in ``book/_tools/bookpages.py``).
@@ -52,17 +54,12 @@ import torch.nn.functional as F
 
 from regdiff_core import distributed
 from regdiff_core.config import DiffusionConfig, Profile
-from regdiff_core.training import CHECKPOINT_FILE, CheckpointError, load_weights, read_checkpoint, train_loop
-from regdiff_core.utils import atomic_torch_save, atomic_write_text, autocast, count_parameters
+from regdiff_core.training import CHECKPOINT_FILE, train_loop
+from regdiff_core.utils import autocast, count_parameters
 
-#: Files this chapter writes under ``work_dir``.
-MODEL_FILE = Path("diffusion") / "model.pt"
-#: Where ``train-diffusion --tokens paper-release`` writes its denoiser (not ``diffusion/``: chapter 4
-#: decodes what is there with *our* VQ-AE, which cannot read the paper's codes).
-PAPER_TOKENS_DIR = Path("diffusion_paper_tokens")
-#: Grids of the paper's 97 kept aside by :func:`paper_tokens` (the last ones in the file).
+#: Grids of the paper's 97 kept aside by :func:`~regdiff_core.store.diffusion.paper_tokens` (the last ones
+#: in the file).
 PAPER_HELDOUT = 10
-HISTORY_FILE = Path("diffusion") / "history.csv"
 
 #: The variants chapter 3 can compare (``DiffusionConfig.ablation_variants`` picks them): name → overrides.
 #: "baseline" is the profile's own setting (paper: post-norm, dropout 0.1 as the seed, no EMA; colab: dropout 0).
@@ -300,37 +297,6 @@ def augment_pairs(volumes: torch.Tensor, downsampling: int, *, flip: bool, shift
     return torch.cat(out)
 
 
-def training_tokens(profile: Profile, work_dir: str | Path, device: torch.device, *, tokens=None, vqae=None):
-    """The denoiser's training grids: chapter 2's ``tokens.pt`` (or ``tokens``) and, when the profile
-    augments (``diffusion.augment_flip`` / ``augment_shift``), the VQ-AE codes of the augmented training
-    pairs (:func:`augment_pairs`) after them. Returns a :class:`~regdiff_core.vqae.Tokens`; ``cases`` name
-    each grid (``"032"``, ``"032:flip"``, ``"032:shift-101"``, …).
-    """
-    from regdiff_core.vqae import Tokens, encode_volumes, load_tokens, load_vqae
-
-    cfg = profile.diffusion
-    tokens = tokens if tokens is not None else load_tokens(work_dir)
-    if not cfg.augment_flip and cfg.augment_shift == "none":
-        return tokens
-    from regdiff_core.data import load_pairs
-
-    pairs = load_pairs(profile, work_dir, "train")
-    if list(pairs.cases) != list(tokens.cases):
-        raise ValueError(
-            f"{work_dir}/tokens.pt holds cases {tokens.cases}, the prepared training pairs are {pairs.cases}: "
-            "rerun chapter 2 (`python -m regdiff_core encode`) after chapter 1"
-        )
-    vqae = vqae if vqae is not None else load_vqae(profile, work_dir, device)
-    volumes = augment_pairs(pairs.volumes(dtype=torch.uint8), vqae.downsampling, flip=cfg.augment_flip,
-                            shift=cfg.augment_shift)[len(pairs.cases):]  # fmt: skip
-    extra = encode_volumes(vqae, volumes, device, profile.vqae.encode_batch, amp=profile.vqae.amp)
-    versions = augment_versions(cfg.augment_flip, cfg.augment_shift)[1:]  # the originals are tokens.pt
-    names = [f"{c}:{tag}" for _, _, tag in versions for c in pairs.cases]
-    return Tokens(
-        torch.cat([tokens.tokens, extra]), list(tokens.cases) + names, tokens.grid, tokens.codebook_size
-    )
-
-
 def train_step(
     net: torch.nn.Module,
     x_0: torch.Tensor,
@@ -356,14 +322,15 @@ def train_step(
 
 
 class DiffusionRun(NamedTuple):
-    """What :func:`train_denoiser` returns. ``denoiser`` is in eval mode; ``ema`` the EMA copy or None."""
+    """What :func:`train_denoiser` returns. ``denoiser`` is in eval mode; ``ema`` the EMA copy or None;
+    ``model_path`` the model file :func:`regdiff_core.store.diffusion.train` wrote (None before)."""
 
     denoiser: Denoiser
     ema: Denoiser | None
     history: list[dict[str, float]]
     seconds: float
     params: int
-    model_path: Path
+    model_path: Path | None
 
 
 def _tokens_as_sequences(tokens) -> tuple[torch.Tensor, int, tuple[int, ...]]:
@@ -376,28 +343,22 @@ def _tokens_as_sequences(tokens) -> tuple[torch.Tensor, int, tuple[int, ...]]:
 
 
 def train_denoiser(
-    profile: Profile,
-    work_dir: str | Path,
+    tokens,
+    cfg: DiffusionConfig,
     device: torch.device,
     *,
-    tokens=None,
-    cfg: DiffusionConfig | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
 ) -> DiffusionRun:
-    """Train the denoiser on the token grids of chapter 2 (``work_dir/tokens.pt``) and save it.
+    """Train a denoiser of ``cfg`` on the grids of ``tokens`` (a :class:`~regdiff_core.vqae.Tokens`).
 
-    ``cfg`` defaults to ``profile.diffusion``; ``out_dir`` to ``work_dir/diffusion``. Writes
-    ``out_dir/model.pt`` (weights + architecture), ``out_dir/checkpoint.pt`` (the resumable checkpoint)
-    and ``out_dir/history.csv``. If a finished checkpoint is already there, nothing is retrained.
+    With ``out_dir``, the resumable checkpoint (``checkpoint.pt``) and ``history.csv`` go there and an
+    existing checkpoint is resumed: if it is finished, nothing is retrained. The model file is written by
+    the entry point, :func:`regdiff_core.store.diffusion.train` (``model_path`` is None here).
     History columns: ``loss`` (the optimized value: bits/token, or bits/token / K with
     ``loss_norm="seed"``), ``elbo`` (bits/token), ``accuracy`` (masked tokens), ``lr``.
     """
-    work_dir = Path(work_dir)
-    cfg = cfg or profile.diffusion
-    out_dir = Path(out_dir) if out_dir is not None else work_dir / MODEL_FILE.parent
-    if tokens is None:
-        tokens = training_tokens(profile, work_dir, device)
+    out_dir = Path(out_dir) if out_dir is not None else None
     x_all, codebook_size, grid = _tokens_as_sequences(tokens)
     x_all = x_all.to(device)
     denoiser = build_denoiser(cfg, codebook_size, grid).to(device)
@@ -437,60 +398,18 @@ def train_denoiser(
         return {"loss": out.loss.detach(), "elbo": out.elbo, "accuracy": out.accuracy, "lr": lr}
 
     result = train_loop(
-        step_fn, state, cfg.iterations, ckpt_path=out_dir / CHECKPOINT_FILE, ckpt_every=cfg.ckpt_every,
-        log_every=cfg.log_every, history_csv=out_dir / HISTORY_FILE.name, desc="diffusion", progress=progress,
+        step_fn, state, cfg.iterations, ckpt_path=out_dir / CHECKPOINT_FILE if out_dir else None,
+        ckpt_every=cfg.ckpt_every, log_every=cfg.log_every,
+        history_csv=out_dir / "history.csv" if out_dir else None, desc="diffusion", progress=progress,
         stage="diffusion", settings=dataclasses.asdict(cfg),
         inputs=x_all,  # other tokens or settings (a retrained VQ-AE): the checkpoint is set aside
     )  # fmt: skip
     denoiser.eval()
     ema_net = ema.module.eval() if ema is not None else None
-    payload = {
-        "config": dataclasses.asdict(cfg),
-        "codebook_size": codebook_size,
-        "grid": grid,
-        "state_dict": denoiser.state_dict(),
-        "ema_state_dict": ema_net.state_dict() if ema_net is not None else None,
-        "steps": result.steps,
-    }
-    model_path = atomic_torch_save(payload, out_dir / MODEL_FILE.name)
     return DiffusionRun(
         denoiser=denoiser, ema=ema_net, history=result.history, seconds=result.seconds,
-        params=count_parameters(denoiser), model_path=model_path,
+        params=count_parameters(denoiser), model_path=None,
     )  # fmt: skip
-
-
-def load_denoiser(
-    work_dir: str | Path, device: torch.device, *, ema: bool | None = None, path: str | Path | None = None
-) -> Denoiser:
-    """The trained denoiser from ``work_dir/diffusion/model.pt`` (or ``path``), in eval mode.
-
-    ``ema=None`` uses the EMA weights when the run kept them; ``True`` requires them; ``False`` never.
-    The architecture comes from the file, so a checkpoint loads whatever profile is active.
-    """
-    path = Path(path) if path is not None else Path(work_dir) / MODEL_FILE
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no denoiser at {path}: run chapter 3 (notebooks/03_absorbing_diffusion.ipynb) or "
-            "`python -m regdiff_core train-diffusion --profile <P> --work-dir <W>` first"
-        )
-    payload = read_checkpoint(
-        path, "denoiser", "Move it away and rerun chapter 3 or `python -m regdiff_core train-diffusion`."
-    )
-    try:
-        cfg = DiffusionConfig(**payload["config"])
-        denoiser = build_denoiser(cfg, payload["codebook_size"], tuple(payload["grid"]))
-        weights = payload["state_dict"]
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(
-            f"{path} is not a denoiser model.pt of this project ({type(err).__name__}: {err}); move it away "
-            "and rerun `python -m regdiff_core train-diffusion`"
-        ) from err
-    if ema or (ema is None and payload.get("ema_state_dict") is not None):
-        if payload.get("ema_state_dict") is None:
-            raise KeyError(f"{path} holds no EMA weights (the run had DiffusionConfig.ema = None)")
-        weights = payload["ema_state_dict"]
-    load_weights(denoiser, weights, name=str(path))
-    return denoiser.to(device).eval()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -555,135 +474,12 @@ def evaluate_loss(
 
 
 class TrackedRun(NamedTuple):
-    """:func:`train_tracked`'s result: the finished ``run`` (its ``seconds`` summed over the stages) and
-    ``curve``, one row per milestone: ``steps``, then held-out ``elbo``/``accuracy`` of the raw weights and,
-    when the run keeps an EMA, ``ema_elbo``/``ema_accuracy``."""
+    """:func:`~regdiff_core.store.diffusion.train_tracked`'s result: the finished ``run`` (its ``seconds``
+    summed over the stages) and ``curve``, one row per milestone: ``steps``, then held-out
+    ``elbo``/``accuracy`` of the raw weights and, when the run keeps an EMA, ``ema_elbo``/``ema_accuracy``."""
 
     run: DiffusionRun
     curve: list[dict[str, float]]
-
-
-def _score(run: DiffusionRun, x_heldout: torch.Tensor, T: int, seed: int, steps: int) -> dict[str, float]:
-    """One row of :func:`train_tracked`'s curve: held-out ELBO and accuracy of the raw and EMA weights."""
-    row: dict[str, float] = {"steps": steps}
-    for prefix, net in (("", run.denoiser), ("ema_", run.ema)):
-        if net is not None:
-            score = evaluate_loss(net, x_heldout, T, generator=torch.Generator().manual_seed(seed))
-            row.update({f"{prefix}elbo": score["elbo"], f"{prefix}accuracy": score["accuracy"]})
-    return row
-
-
-def train_tracked(
-    profile: Profile,
-    work_dir: str | Path,
-    device: torch.device,
-    x_heldout: torch.Tensor,
-    *,
-    tokens=None,
-    every: int | None = None,
-    seed: int = 0,
-    out_dir: str | Path | None = None,
-) -> TrackedRun:
-    """:func:`train_denoiser`, stopped every ``every`` steps (default ``iterations // 4``) to score the
-    weights on held-out grids ``x_heldout`` (B, N) with :func:`evaluate_loss` (the same masks each time).
-
-    Each stage resumes the previous one's checkpoint, and checkpoints carry the RNG state, so the run is
-    the one an uninterrupted :func:`train_denoiser` would make; only the held-out curve is added. The
-    curve is kept in ``out_dir/heldout_curve.json`` beside the checkpoint it describes, so a rerun of a
-    finished (or resumed) run shows the points scored before; a checkpoint trained afresh starts a new one.
-    """
-    import hashlib
-    import io
-    import json
-    from contextlib import nullcontext, redirect_stdout
-
-    cfg = profile.diffusion
-    out_dir = Path(out_dir) if out_dir is not None else Path(work_dir) / MODEL_FILE.parent
-    every = max(1, cfg.iterations // 4) if every is None else max(1, int(every))
-    milestones = list(range(every, cfg.iterations, every)) + [cfg.iterations]
-    # which run and which held-out grids the stored points belong to
-    key = hashlib.sha256(x_heldout.cpu().numpy().tobytes() + f"{seed}".encode())
-    curve_path = out_dir / "heldout_curve.json"
-    stored: dict[int, dict[str, float]] = {}
-    seconds, run = 0.0, None
-    for k, steps in enumerate(milestones):
-        # later stages resume the checkpoint this call just wrote: their "resuming …" notes say nothing new
-        with redirect_stdout(io.StringIO()) if k else nullcontext():
-            run = train_denoiser(
-                profile, work_dir, device, tokens=tokens, cfg=dataclasses.replace(cfg, iterations=steps),
-                out_dir=out_dir, progress=False,
-            )  # fmt: skip
-        if k == 0:  # the fingerprint of the checkpoint is settled now: read the points that belong to it
-            key.update(
-                read_checkpoint(out_dir / CHECKPOINT_FILE, "denoiser checkpoint")["fingerprint"].encode()
-            )
-            if curve_path.exists():
-                try:
-                    saved = json.loads(curve_path.read_text())
-                    if saved.get("key") == key.hexdigest():
-                        stored = {int(r["steps"]): r for r in saved.get("rows", [])}
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    stored = {}  # a damaged curve file only costs the points: they are scored again
-        seconds += run.seconds
-        if steps not in stored and len(run.history) == steps:
-            stored[steps] = _score(run, x_heldout, cfg.T, seed, steps)
-            rows = [stored[s] for s in sorted(stored)]
-            atomic_write_text(curve_path, json.dumps({"key": key.hexdigest(), "rows": rows}) + "\n")
-    if len(run.history) not in stored:  # resumed a longer, finished run: score its end
-        stored[len(run.history)] = _score(run, x_heldout, cfg.T, seed, len(run.history))
-    curve = [stored[s] for s in sorted(stored) if s <= len(run.history)]
-    return TrackedRun(run._replace(seconds=seconds), curve)
-
-
-def compare_variants(
-    profile: Profile,
-    work_dir: str | Path,
-    device: torch.device,
-    x_heldout: torch.Tensor,
-    *,
-    tokens=None,
-    variants: dict[str, dict[str, Any]] | None = None,
-    seed: int = 0,
-) -> list[dict[str, Any]]:
-    """Train each variant of ``diffusion.ablation_variants`` (see :data:`ABLATIONS`) for
-    ``diffusion.ablation_iterations`` steps from the same seed (the global RNG is reseeded with
-    ``seed``), tracking an EMA (decay ``diffusion.ablation_ema``), and score raw and EMA weights by
-    :func:`evaluate_loss` on ``x_heldout`` (B, N). One row per variant and weights; ``[]`` when
-    ``ablation_iterations`` is 0. Runs are cached under ``work_dir/diffusion/ablation/variant_<k>``.
-    """
-    from regdiff_core.utils import seed_everything
-
-    base = profile.diffusion
-    if base.ablation_iterations <= 0:
-        return []
-    if variants is None:
-        unknown = set(base.ablation_variants) - set(ABLATIONS)
-        if unknown:
-            raise ValueError(
-                f"diffusion.ablation_variants: unknown {sorted(unknown)}; known {sorted(ABLATIONS)}"
-            )
-        variants = {name: ABLATIONS[name] for name in base.ablation_variants}
-    rows = []
-    for k, (name, change) in enumerate(variants.items()):
-        cfg = dataclasses.replace(
-            base, iterations=base.ablation_iterations, ema=base.ablation_ema, ckpt_every=base.ablation_iterations,
-            **change,
-        )  # fmt: skip
-        seed_everything(seed)
-        run = train_denoiser(
-            profile, work_dir, device, tokens=tokens, cfg=cfg,
-            out_dir=Path(work_dir) / "diffusion" / "ablation" / f"variant_{k}", progress=False,
-        )  # fmt: skip
-        tail = run.history[-base.log_every :]
-        for weights, net in (("raw", run.denoiser), (f"EMA {cfg.ema}", run.ema)):
-            score = evaluate_loss(net, x_heldout, cfg.T, generator=torch.Generator().manual_seed(seed))
-            rows.append({
-                "variant": name, "weights": weights, "steps": len(run.history),
-                "train loss (last steps)": sum(r["loss"] for r in tail) / max(len(tail), 1),
-                "held-out loss": score["loss"], "held-out ELBO": score["elbo"],
-                "held-out accuracy": score["accuracy"], "seconds": run.seconds,
-            })  # fmt: skip
-    return rows
 
 
 class TokenSplit(NamedTuple):
@@ -706,20 +502,6 @@ def split_tokens(tokens, heldout: int) -> TokenSplit:
         return Tokens(tokens.tokens[sl], list(tokens.cases[sl]), tuple(tokens.grid), tokens.codebook_size)
 
     return TokenSplit(part(slice(0, cut)), part(slice(cut, n)))
-
-
-def paper_tokens(data_dir: str | Path, heldout: int = PAPER_HELDOUT) -> TokenSplit:
-    """The paper's own token grids (:func:`regdiff_core.vqae.load_paper_tokens`, from
-    ``data_dir/unleashing-registration/``): the first ``97 − heldout`` for training, the last
-    ``heldout`` (default 10) kept aside. ``heldout=0`` gives all 97 for training, as the paper trained.
-
-    What they can give: the paper's diffusion model trained on its real training data, held-out bits
-    per token, and sampled token grids. What they cannot: volumes — the VQ-AE that decodes them is not
-    released, so no synthetic vessel pairs and no registration come from them.
-    """
-    from regdiff_core.vqae import load_paper_tokens
-
-    return split_tokens(load_paper_tokens(data_dir), heldout)
 
 
 # --------------------------------------------------------------------------------------------------

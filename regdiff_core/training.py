@@ -17,6 +17,8 @@ backward, optimizer and scheduler updates) and a ``state`` dict of everything wi
   checkpoint, a resumed CPU run continues exactly as the uninterrupted one would have. A learning rate
   changed since the checkpoint is applied (and said so); other changed ``settings`` are listed.
 - a checkpoint that cannot be read or does not fit raises :class:`CheckpointError` naming the file.
+- a stage's trained model (``model.pt``) has one layout, ``{"weights": {name: state_dict}, "config": {…},
+  **extra}``: :func:`save_model` writes it, :func:`load_model` reads it (or names the file that is not it).
 - under ``torchrun`` (:mod:`regdiff_core.distributed`): the logged numbers are averaged over the ranks,
   rank 0 alone writes the checkpoint and the history, the checkpoint keeps every rank's RNG state
   (``rng_ranks``) and a resume gives each rank its own back.
@@ -127,6 +129,37 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint", advice: str | No
             f"cannot read {what} {path} ({type(err).__name__}: {_first_line(err)}): the file is damaged or "
             f"not a torch file. {advice or 'Move it away (or delete it) and run the stage that writes it again.'}"
         ) from err
+
+
+def save_model(
+    path: str | Path, weights: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any], **extra: Any
+) -> Path:
+    """The one model-file layout of the trained stages: ``{"weights": {name: state_dict, …}, "config": {…},
+    **extra}``, written atomically (:func:`regdiff_core.utils.atomic_torch_save`); ``config`` is what the
+    network is built from again (:func:`load_model`), ``extra`` any further numbers (a grid, the steps)."""
+    payload = {"weights": dict(weights), "config": dict(config), **extra}
+    return atomic_torch_save(payload, Path(path))
+
+
+def load_model(path: str | Path, what: str, advice: str) -> dict[str, Any]:
+    """A file written by :func:`save_model`, read safely (:func:`read_checkpoint`, ``weights_only``).
+
+    ``what`` names the kind of file in messages, ``advice`` says what to do. Raises
+    :class:`CheckpointError` naming the file when it is not of that layout (a dict with ``"weights"``, a
+    dict of state dicts, and ``"config"``, a dict); ``FileNotFoundError`` when it is missing."""
+    saved = read_checkpoint(path, what, advice)
+    weights = saved.get("weights") if isinstance(saved, Mapping) else None
+    if (
+        not isinstance(weights, Mapping)
+        or not all(isinstance(w, Mapping) for w in weights.values())
+        or not isinstance(saved.get("config"), Mapping)
+    ):
+        found = sorted(map(str, saved)) if isinstance(saved, Mapping) else type(saved).__name__
+        raise CheckpointError(
+            f"{path} is not a {what} file of this project (expected a dict with 'weights', a dict of state "
+            f"dicts, and 'config'; found {found}). {advice}"
+        )
+    return dict(saved)
 
 
 def _first_line(err: BaseException) -> str:

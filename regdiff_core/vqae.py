@@ -17,9 +17,10 @@ Shapes (``paper`` profile; ``ci`` is 4× smaller in every axis with 2 down-sampl
 
 Every component takes ``spatial_dims`` (2 or 3) so a 2D track can reuse it.
 
-Files (all under ``work_dir``): ``vqae/checkpoint.pt`` (training checkpoint, resumed automatically),
-``vqae/history.csv``, ``vqae/model.pt`` (weights + the config they were built with, read by
-:func:`load_vqae`) and ``tokens.pt`` (the training pairs' token grids, read by :func:`load_tokens`).
+Here: the networks, the loss, :func:`train_step` and :func:`train_vqae` (the training loop over tensors),
+encoding and decoding whole volumes, and the token statistics. The files — ``vqae/model.pt``, ``tokens.pt``,
+the paper's token grids — and the entry points that read and write them (``train``, ``encode_pairs``,
+``compare_restarts``) are in :mod:`regdiff_core.store.vqae`.
 
 Differences from the authors' code (the seed, ``train_vqae.py`` / ``infer_vqae.py``) and why: one list,
 on the book's profiles page (``book/profiles.md``; ``SEED_DIFFERENCES`` in ``book/_tools/bookpages.py``).
@@ -47,12 +48,10 @@ from monai.networks.nets import AutoEncoder
 from torch import nn
 
 from regdiff_core import distributed
-from regdiff_core.config import Profile, VQAEConfig
+from regdiff_core.config import VQAEConfig
 from regdiff_core.data import dice
-from regdiff_core.training import CHECKPOINT_FILE, CheckpointError, load_weights, read_checkpoint
+from regdiff_core.training import CHECKPOINT_FILE
 
-#: Architecture fields: a saved model must match the profile in these to be loadable.
-_ARCH_FIELDS = ("spatial_dims", "channels", "strides", "codebook_size", "embed_dim", "norm")
 #: ``VQAEConfig.norm`` → MONAI's ``norm`` argument. "instance" is MONAI's default and the paper's; its
 #: statistics are taken over each whole volume, so the code of a cell also depends on the rest of the
 #: volume (chapter 2 measures how case-specific that makes the codes). "batch" learns fixed statistics,
@@ -307,52 +306,6 @@ def build_vqae(cfg: VQAEConfig) -> PairedVQAE:
     return PairedVQAE(cfg)
 
 
-def model_path(work_dir: str | Path) -> Path:
-    return Path(work_dir) / "vqae" / "model.pt"
-
-
-def tokens_path(work_dir: str | Path) -> Path:
-    return Path(work_dir) / "tokens.pt"
-
-
-def load_vqae(
-    profile: Profile, work_dir: str | Path, device: torch.device | str = "cpu", path: str | Path | None = None
-) -> PairedVQAE:
-    """The trained VQ-AE from ``work_dir/vqae/model.pt`` (or ``path``) on ``device``, in eval mode."""
-    path = model_path(work_dir) if path is None else Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no trained VQ-AE at {path}: run chapter 2 (notebooks/02_vqae.ipynb) or "
-            f"`python -m regdiff_core train-vqae --profile {profile.name}` first"
-        )
-    retrain = f"Move it away and rerun `python -m regdiff_core train-vqae --profile {profile.name}`."
-    saved = read_checkpoint(path, "VQ-AE model", retrain)
-    if not isinstance(saved, dict) or "state" not in saved:
-        raise CheckpointError(
-            f"{path} is not a VQ-AE model of this project (expected a dict with 'state' and 'config'); "
-            f"move it away and rerun `python -m regdiff_core train-vqae --profile {profile.name}`"
-        )
-    cfg = profile.vqae
-    stored = saved.get("config", {})
-    mismatch = {
-        f: (stored.get(f), getattr(cfg, f))
-        for f in _ARCH_FIELDS
-        if f in stored and _as_tuple(stored[f]) != _as_tuple(getattr(cfg, f))
-    }
-    if mismatch:
-        raise CheckpointError(
-            f"{path} was trained with a different VQ-AE ({mismatch}, saved vs profile "
-            f"{profile.name!r}); retrain with `train-vqae --profile {profile.name}`"
-        )
-    model = build_vqae(cfg)
-    load_weights(model, saved, key="model", name=str(path))
-    return model.to(device).eval()
-
-
-def _as_tuple(v: Any) -> Any:
-    return tuple(v) if isinstance(v, list | tuple) else v
-
-
 class Tokens(NamedTuple):
     """Token grids of the training pairs. ``tokens``: (N, h, w, d) long; ``grid``: (h, w, d)."""
 
@@ -362,86 +315,9 @@ class Tokens(NamedTuple):
     codebook_size: int
 
 
-def save_tokens(tokens: Tokens, work_dir: str | Path) -> Path:
-    """Write ``work_dir/tokens.pt`` (a dict with the fields of :class:`Tokens`) atomically."""
-    from regdiff_core.utils import atomic_torch_save
-
-    return atomic_torch_save(
-        {
-            "tokens": tokens.tokens.long().cpu(),
-            "cases": list(tokens.cases),
-            "grid": tuple(tokens.grid),
-            "codebook_size": int(tokens.codebook_size),
-        },
-        tokens_path(work_dir),
-    )
-
-
-def load_tokens(work_dir: str | Path) -> Tokens:
-    """The token grids saved by chapter 2 (``work_dir/tokens.pt``)."""
-    path = tokens_path(work_dir)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no tokens at {path}: run chapter 2 (notebooks/02_vqae.ipynb) or "
-            "`python -m regdiff_core encode --profile <profile>` first"
-        )
-    d = read_checkpoint(path, "token file")
-    try:
-        return Tokens(d["tokens"].long(), list(d["cases"]), tuple(d["grid"]), int(d["codebook_size"]))
-    except (KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(
-            f"{path} is not a token file of this project ({type(err).__name__}: {err}); rerun "
-            "`python -m regdiff_core encode --profile <profile>` to write it again"
-        ) from err
-
-
 # --------------------------------------------------------------------------------------------------
-# The paper's own tokens
+# How a token set uses its codebook
 # --------------------------------------------------------------------------------------------------
-
-#: In the paper's release (``data_dir/unleashing-registration/``): despite the name, not a model but a list
-#: of 97 int16 tensors of 3328 codes, the paper's VQ-AE token grids of the 97 Lung250M-4B training pairs
-#: as its ``infer_vqae.py`` saves them (flattened in C order). The VQ-AE itself is not released.
-PAPER_TOKENS_FILE = "lung250_3d_vqae_model_dilated.pth"
-PAPER_TOKEN_GRID = (16, 13, 16)
-PAPER_CODEBOOK_SIZE = 1024
-
-
-def paper_tokens_path(data_dir: str | Path) -> Path:
-    return Path(data_dir) / "unleashing-registration" / PAPER_TOKENS_FILE
-
-
-def load_paper_tokens(data_dir: str | Path) -> Tokens:
-    """The paper's 97 token grids as :class:`Tokens` (``(97, 16, 13, 16)`` long, codebook 1024).
-
-    ``cases`` are ``"paper_00"`` … ``"paper_96"``, the order in the file: the release does not say
-    which Lung250M-4B case each grid is. Raises ``FileNotFoundError`` (with the command that downloads
-    it) or ``ValueError`` naming the file when it does not hold such grids.
-    """
-    path = paper_tokens_path(data_dir)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: the paper's token grids are missing; run chapter 1 or "
-            f"`python -m data_download unleashing-registration --dest {path.parent} --cases 002`"
-        )
-    stored = torch.load(path, map_location="cpu", weights_only=True)
-    n = math.prod(PAPER_TOKEN_GRID)
-    if not isinstance(stored, list | tuple) or not stored:
-        raise ValueError(f"{path}: expected a list of token tensors, got {type(stored).__name__}")
-    bad = [
-        i
-        for i, t in enumerate(stored)
-        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.numel() != n
-    ]
-    if bad:
-        raise ValueError(f"{path}: entries {bad[:5]} are not integer tensors of {n} codes")
-    tokens = torch.stack([t.long().reshape(PAPER_TOKEN_GRID) for t in stored])
-    if int(tokens.min()) < 0 or int(tokens.max()) >= PAPER_CODEBOOK_SIZE:
-        raise ValueError(
-            f"{path}: codes {int(tokens.min())}…{int(tokens.max())} outside [0, {PAPER_CODEBOOK_SIZE})"
-        )
-    cases = [f"paper_{i:02d}" for i in range(len(tokens))]
-    return Tokens(tokens, cases, PAPER_TOKEN_GRID, PAPER_CODEBOOK_SIZE)
 
 
 def codebook_usage(tokens: Tokens, name: str) -> dict[str, Any]:
@@ -632,8 +508,10 @@ def train_vqae(
 
     ``stop_after``: end after that many steps of the ``iterations``-step schedule (the same steps as a
     full run up to there). ``snapshot_at`` (with ``out_dir``): also save the model after that step as
-    ``model_step<k>.pt`` (:func:`snapshot_path`); saving changes nothing in the run.
+    ``model_step<k>.pt`` (:func:`~regdiff_core.store.vqae.snapshot_path`); saving changes nothing in the
+    run.
     """
+    from regdiff_core.store.vqae import save_vqae, snapshot_path
     from regdiff_core.training import train_loop
     from regdiff_core.utils import count_parameters
 
@@ -703,62 +581,6 @@ def train_vqae(
         count_parameters(model.autoencoder),
         out_dir,
     )
-
-
-def snapshot_path(out_dir: str | Path, step: int) -> Path:
-    """Where :func:`train_vqae` (``snapshot_at=step``) keeps the model after ``step`` steps."""
-    return Path(out_dir) / f"model_step{step}.pt"
-
-
-def save_vqae(model: PairedVQAE, path: str | Path) -> Path:
-    """Write the weights and the config they were built with (``{"state": {"model": …}, "config": …}``)."""
-    from regdiff_core.utils import atomic_torch_save
-
-    return atomic_torch_save(
-        {"state": {"model": model.state_dict()}, "config": dataclasses.asdict(model.cfg)}, Path(path)
-    )
-
-
-def train(
-    profile: Profile,
-    work_dir: str | Path,
-    device: torch.device | str = "auto",
-    seed: int = 0,
-    *,
-    dead_code_restart: bool | None = None,
-    iterations: int | None = None,
-    stop_after: int | None = None,
-    snapshot_at: int | None = None,
-    run_name: str = "vqae",
-    progress: bool = True,
-) -> VQAETrainResult:
-    """Train the profile's VQ-AE on chapter 1's training pairs; write ``work_dir/<run_name>/model.pt``.
-
-    ``run_name="vqae"`` is the model later chapters load; other names keep side runs (the notebook's
-    comparison with/without dead-code restarts) apart. ``dead_code_restart`` / ``iterations``
-    override the profile for this run; ``stop_after`` and ``snapshot_at`` as in :func:`train_vqae`.
-    Resumes from ``work_dir/<run_name>/checkpoint.pt`` if present.
-    """
-    from regdiff_core.data import load_pairs
-    from regdiff_core.utils import resolve_device, seed_everything
-
-    device = resolve_device(device)
-    cfg = profile.vqae
-    if dead_code_restart is not None:
-        cfg = dataclasses.replace(cfg, dead_code_restart=dead_code_restart)
-    if iterations is not None:
-        cfg = dataclasses.replace(cfg, iterations=iterations)
-    pairs = load_pairs(profile, work_dir, "train")
-    volumes = pairs.volumes(dtype=torch.uint8)
-    seed_everything(seed)
-    model = build_vqae(cfg)
-    out_dir = Path(work_dir) / run_name
-    result = train_vqae(
-        model, volumes, cfg, device, out_dir=out_dir, stop_after=stop_after, snapshot_at=snapshot_at,
-        progress=progress,
-    )  # fmt: skip
-    save_vqae(result.model, out_dir / "model.pt")
-    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -845,79 +667,12 @@ def baseline_dice(volumes: torch.Tensor, downsampling: int) -> Baselines:
     )
 
 
-def encode_pairs(
-    profile: Profile,
-    work_dir: str | Path,
-    device: torch.device | str = "auto",
-    split: str = "train",
-    model: PairedVQAE | None = None,
-    batch_size: int | None = None,
-) -> Tokens:
-    """Encode every pair of ``split`` with the trained VQ-AE and save ``work_dir/tokens.pt``.
-
-    ``batch_size``: volumes per encoder call (default ``profile.vqae.encode_batch``).
-    """
-    from regdiff_core.data import load_pairs
-    from regdiff_core.utils import resolve_device
-
-    device = resolve_device(device)
-    model = model if model is not None else load_vqae(profile, work_dir, device)
-    pairs = load_pairs(profile, work_dir, split)
-    batch_size = profile.vqae.encode_batch if batch_size is None else int(batch_size)
-    tokens = encode_volumes(model, pairs.volumes(dtype=torch.uint8), device, batch_size, amp=profile.vqae.amp)
-    result = Tokens(tokens, list(pairs.cases), tuple(tokens.shape[1:]), model.codebook_size)
-    save_tokens(result, work_dir)
-    return result
-
-
 class RestartComparison(NamedTuple):
-    """What :func:`compare_restarts` returns: the second run (``ablation``), one table row per model
-    compared, the ``step`` they are compared at, and each run's history keyed by "restarts on?"."""
+    """What :func:`~regdiff_core.store.vqae.compare_restarts` returns: the second run (``ablation``), one
+    table row per model compared, the ``step`` they are compared at, and each run's history keyed by
+    "restarts on?"."""
 
     ablation: VQAETrainResult
     rows: list[dict[str, Any]]
     step: int
     histories: dict[bool, list[dict[str, float]]]
-
-
-def compare_restarts(
-    profile: Profile,
-    work_dir: str | Path,
-    device: torch.device,
-    seed: int,
-    result: VQAETrainResult,
-    x_test: torch.Tensor,
-) -> RestartComparison:
-    """Chapter 2's dead-code-restart experiment: train a second VQ-AE with ``dead_code_restart`` the other
-    way round for ``vqae.ablation_iterations`` steps (all of them if 0; run ``vqae_ablation``), and score
-    both runs at that step — the first from its snapshot (``snapshot_at`` in :func:`train`), or its end —
-    and the first run at its end, on ``x_test``: codes used and perplexity in the last logging window,
-    codes in the test tokens and test Dice. ``result``: the first run, :func:`train`'s result."""
-    other = not profile.vqae.dead_code_restart
-    k = profile.vqae.ablation_iterations or profile.vqae.iterations
-    ablation = train(
-        profile, work_dir, device, seed, dead_code_restart=other, stop_after=k, run_name="vqae_ablation"
-    )
-    # the first run's model after k steps (saved by snapshot_at), or its end if k is all of it
-    first_at_k = result.model
-    if k < len(result.history):
-        first_at_k = load_vqae(profile, work_dir, device, path=snapshot_path(Path(work_dir) / "vqae", k))
-    # (restarts on?, model, its training history): both runs at step k, then the first run at its end
-    compared = [(other, ablation.model, ablation.history), (not other, first_at_k, result.history[:k])]
-    if k < len(result.history):
-        compared.append((not other, result.model, result.history))
-    rows = []
-    for restart, model, history in compared:
-        logged = [h for h in history if "perplexity" in h]
-        rec_k = reconstruct(model, x_test, device, amp=profile.vqae.amp)
-        rows.append(
-            {
-                "dead-code restarts": "on" if restart else "off",
-                "steps": len(history),
-                "codes used (last window)": int(logged[-1]["codebook_used"]),
-                "perplexity (last window)": logged[-1]["perplexity"],
-                "codes in test tokens": token_stats(rec_k.tokens, profile.vqae.codebook_size).used,
-                "test Dice": float(rec_k.dice.mean()),
-            }
-        )
-    return RestartComparison(ablation, rows, k, {other: ablation.history, not other: result.history})

@@ -9,19 +9,16 @@ import torch
 from torch import nn
 
 from regdiff_core import diffusion as D
+from regdiff_core import store
 from regdiff_core.config import DiffusionConfig, get_profile
 from regdiff_core.diffusion import (
-    PAPER_TOKENS_DIR,
     build_denoiser,
     fill_in,
-    load_denoiser,
-    paper_tokens,
     q_sample,
     sample_t,
     sample_tokens,
     split_tokens,
     token_grid,
-    train_denoiser,
     unmask_probability,
     weighted_elbo_loss,
 )
@@ -213,15 +210,19 @@ def test_training_learns_saves_resumes_and_reloads(tmp_path):
     pattern = torch.arange(48).remainder(6).view(1, *grid)
     tokens = Tokens(pattern.repeat(6, 1, 1, 1), [f"{i:03d}" for i in range(6)], grid, 6)
     profile = get_profile("ci")
-    run = train_denoiser(profile, tmp_path, torch.device("cpu"), tokens=tokens, cfg=TINY, progress=False)
+    run = store.diffusion.train(
+        profile, tmp_path, torch.device("cpu"), tokens=tokens, cfg=TINY, progress=False
+    )
     losses = [row["loss"] for row in run.history]
     assert len(losses) == TINY.iterations
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:5]) / 5
     assert run.model_path == tmp_path / "diffusion" / "model.pt" and run.model_path.exists()
     # a rerun finds the finished checkpoint and does not train again
-    again = train_denoiser(profile, tmp_path, torch.device("cpu"), tokens=tokens, cfg=TINY, progress=False)
+    again = store.diffusion.train(
+        profile, tmp_path, torch.device("cpu"), tokens=tokens, cfg=TINY, progress=False
+    )
     assert again.history == run.history
-    loaded = load_denoiser(tmp_path, torch.device("cpu"))
+    loaded = store.diffusion.load_denoiser(tmp_path, torch.device("cpu"))
     x = torch.full((1, 48), loaded.mask_id)
     with torch.no_grad():
         assert torch.allclose(loaded(x), run.denoiser(x))
@@ -231,7 +232,9 @@ def test_training_learns_saves_resumes_and_reloads(tmp_path):
     # new tokens (say, a retrained VQ-AE) must not resume the old run
     other = tokens._replace(tokens=tokens.tokens.flip(-1))
     short = dataclasses.replace(TINY, iterations=2)
-    fresh = train_denoiser(profile, tmp_path, torch.device("cpu"), tokens=other, cfg=short, progress=False)
+    fresh = store.diffusion.train(
+        profile, tmp_path, torch.device("cpu"), tokens=other, cfg=short, progress=False
+    )
     assert len(fresh.history) == 2
 
 
@@ -246,7 +249,7 @@ def test_training_optimizes_the_profiles_loss_norm(tmp_path, dropout):
     for norm in ("per-token", "seed"):
         cfg = dataclasses.replace(TINY, iterations=1, log_every=1, dropout=dropout, loss_norm=norm)
         torch.manual_seed(0)
-        run = train_denoiser(get_profile("ci"), tmp_path / norm, torch.device("cpu"), tokens=tokens, cfg=cfg,
+        run = store.diffusion.train(get_profile("ci"), tmp_path / norm, torch.device("cpu"), tokens=tokens, cfg=cfg,
                              progress=False)  # fmt: skip
         first[norm] = run.history[0]
     assert first["seed"]["loss"] == pytest.approx(first["per-token"]["loss"] / 6, rel=1e-5)
@@ -255,7 +258,7 @@ def test_training_optimizes_the_profiles_loss_norm(tmp_path, dropout):
 
 def test_missing_checkpoint_names_the_chapter(tmp_path):
     with pytest.raises(FileNotFoundError, match="train-diffusion"):
-        load_denoiser(tmp_path, torch.device("cpu"))
+        store.diffusion.load_denoiser(tmp_path, torch.device("cpu"))
 
 
 # --- the paper's own tokens --------------------------------------------------------------------------------
@@ -273,7 +276,7 @@ def test_split_tokens_holds_out_the_last_grids():
 
 
 def test_paper_tokens_split_is_87_for_training_and_the_last_10_held_out(mirror_dir):
-    split = paper_tokens(mirror_dir.parent)
+    split = store.diffusion.paper_tokens(mirror_dir.parent)
     assert (len(split.train.tokens), len(split.heldout.tokens)) == (87, 10)
     assert split.heldout.cases == [f"paper_{i}" for i in range(87, 97)]
     assert split.train.codebook_size == 1024 and split.train.grid == (16, 13, 16)
@@ -292,7 +295,9 @@ def test_cli_trains_on_the_paper_tokens_apart_from_chapter_3s_denoiser(
     assert "96 for training, 1 held out; 72 of 1024 codes used" in out and "cannot be decoded" in out
     assert "held-out (1 grids)" in out
     assert not (tmp_path / "diffusion").exists()  # chapter 4 decodes what is there with our VQ-AE
-    denoiser = load_denoiser(tmp_path, torch.device("cpu"), path=tmp_path / PAPER_TOKENS_DIR / "model.pt")
+    denoiser = store.diffusion.load_denoiser(
+        tmp_path, torch.device("cpu"), path=tmp_path / store.diffusion.PAPER_TOKENS_DIR / "model.pt"
+    )
     assert (denoiser.mask_id, denoiser.n_tokens) == (1024, 3328)
     with pytest.raises(SystemExit, match="needs --tokens paper-release"):
         main(["train-diffusion", "--heldout", "3", "--work-dir", str(tmp_path)])
@@ -337,10 +342,10 @@ def test_train_tracked_is_the_plain_run_plus_a_held_out_curve(tmp_path, capsys):
     profile = dataclasses.replace(get_profile("ci"), diffusion=cfg)
     cpu = torch.device("cpu")
     torch.manual_seed(0)
-    plain = train_denoiser(profile, tmp_path / "plain", cpu, tokens=tokens, progress=False)
+    plain = store.diffusion.train(profile, tmp_path / "plain", cpu, tokens=tokens, progress=False)
     held = pattern.view(1, -1).roll(1, -1)
     torch.manual_seed(0)
-    tracked = D.train_tracked(profile, tmp_path / "tracked", cpu, held, tokens=tokens, every=10)
+    tracked = store.diffusion.train_tracked(profile, tmp_path / "tracked", cpu, held, tokens=tokens, every=10)
     assert [r["step"] for r in tracked.run.history] == list(range(1, 41))
     assert [r["loss"] for r in tracked.run.history] == [r["loss"] for r in plain.history]
     for a, b in zip(tracked.run.ema.state_dict().values(), plain.ema.state_dict().values()):
@@ -350,5 +355,5 @@ def test_train_tracked_is_the_plain_run_plus_a_held_out_curve(tmp_path, capsys):
     end = D.evaluate_loss(plain.ema, held, cfg.T, generator=torch.Generator().manual_seed(0))
     assert tracked.curve[-1]["ema_elbo"] == pytest.approx(end["elbo"])
     assert "resuming" not in capsys.readouterr().out  # the stages' own resumes stay quiet
-    again = D.train_tracked(profile, tmp_path / "tracked", cpu, held, tokens=tokens, every=10)
+    again = store.diffusion.train_tracked(profile, tmp_path / "tracked", cpu, held, tokens=tokens, every=10)
     assert again.curve == tracked.curve and again.run.history == tracked.run.history

@@ -98,7 +98,7 @@ def vqae_step(out_dir: Path, batch_size: int = B) -> dict:
 
 def diffusion_step(out_dir: Path) -> dict:
     """One denoiser step on 4 copies of one token grid with fixed times and masks."""
-    from regdiff_core import diffusion
+    from regdiff_core import diffusion, store
 
     g = torch.Generator().manual_seed(1)
     grid = (2, 2, 2)
@@ -115,7 +115,7 @@ def diffusion_step(out_dir: Path) -> dict:
     diffusion.q_sample = q_sample
     try:
         torch.manual_seed(0)
-        run = diffusion.train_denoiser(
+        run = store.diffusion.train(
             get_profile("ci"),
             out_dir,
             torch.device("cpu"),

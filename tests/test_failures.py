@@ -29,7 +29,7 @@ import torch
 import data_download
 from data_download import core
 from data_download.mirror import serve
-from regdiff_core import cli, data, diffusion, vqae
+from regdiff_core import cli, data, diffusion, store, vqae
 from regdiff_core.config import RANGES, STAGES, ConfigError, get_profile
 from regdiff_core.store import registration as SR
 from regdiff_core.store import sampling as stored_sampling
@@ -187,11 +187,11 @@ def test_a_checkpoint_of_other_settings_or_tokens_is_set_aside_not_resumed(tmp_p
         "--no-progress",
         *TINY_DIFFUSION,
     ]
-    vqae.save_tokens(vqae.Tokens(grids, ["032", "033", "034"], (4, 4, 4), 8), tmp_path)
+    store.vqae.save_tokens(vqae.Tokens(grids, ["032", "033", "034"], (4, 4, 4), 8), tmp_path)
     assert run_cli(argv, capsys)[0] == 0
     assert run_cli(argv, capsys)[0] == 0  # the same tokens: resumed (nothing set aside)
     assert not list((tmp_path / "diffusion").glob("checkpoint.stale-*"))
-    vqae.save_tokens(vqae.Tokens((grids + 1) % 8, ["032", "033", "034"], (4, 4, 4), 8), tmp_path)
+    store.vqae.save_tokens(vqae.Tokens((grids + 1) % 8, ["032", "033", "034"], (4, 4, 4), 8), tmp_path)
     assert run_cli(argv, capsys)[0] == 0
     assert len(list((tmp_path / "diffusion").glob("checkpoint.stale-*"))) == 1
 

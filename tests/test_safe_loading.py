@@ -8,11 +8,9 @@ import os
 import pytest
 import torch
 
-from regdiff_core import diffusion, training, vqae
+from regdiff_core import store, training
 from regdiff_core.config import get_profile
 from regdiff_core.data import DataError
-from regdiff_core.store import registration as SR
-from regdiff_core.store import sampling as stored_sampling
 
 
 class _Payload:
@@ -36,9 +34,9 @@ def test_crafted_pickle_runs_nothing_in_any_loader(tmp_path):
     profile, cpu = get_profile("ci"), torch.device("cpu")
     loaders = {
         "read_checkpoint": lambda p: training.read_checkpoint(p),
-        "denoiser": lambda p: diffusion.load_denoiser(tmp_path, cpu, path=p),
-        "registration": lambda p: SR.load_registration(profile, tmp_path, p, cpu),
-        "vqae": lambda p: vqae.load_vqae(profile, tmp_path, cpu, path=p),
+        "denoiser": lambda p: store.diffusion.load_denoiser(tmp_path, cpu, path=p),
+        "registration": lambda p: store.registration.load_registration(profile, tmp_path, p, cpu),
+        "vqae": lambda p: store.vqae.load_vqae(profile, tmp_path, cpu, path=p),
     }
     for name, load in loaders.items():
         path = _evil(tmp_path / name / "model.pt", marker)
@@ -48,7 +46,7 @@ def test_crafted_pickle_runs_nothing_in_any_loader(tmp_path):
         assert not marker.exists(), f"{name} ran the pickle's code"
     tokens = _evil(tmp_path / "work" / "tokens.pt", marker)
     with pytest.raises(training.CheckpointError, match=str(tokens)):
-        vqae.load_tokens(tmp_path / "work")
+        store.vqae.load_tokens(tmp_path / "work")
     assert not marker.exists()
 
 
@@ -93,7 +91,25 @@ def test_checkpoints_of_the_training_loop_load_safely(tmp_path):
 def test_a_pair_file_cut_short_names_itself(tmp_path):
     g = torch.Generator().manual_seed(0)
     p = torch.rand(2, 6, 5, 6, generator=g)
-    (path,) = stored_sampling.export_pair(tmp_path / "synthetic", "synth_0001", p[0], p[1], nifti=False)
+    (path,) = store.sampling.export_pair(tmp_path / "synthetic", "synth_0001", p[0], p[1], nifti=False)
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(DataError, match="synth_0001.npz"):
-        stored_sampling.read_synthetic_pair(path)
+        store.sampling.read_synthetic_pair(path)
+
+
+def test_model_files_have_one_layout_and_another_is_named(tmp_path):
+    """save_model writes {"weights", "config", **extra}; load_model refuses another layout (an old
+    ``{"state": …}`` VQ-AE file, a denoiser's ``state_dict``) with an error naming the file."""
+    net = torch.nn.Linear(2, 1)
+    path = training.save_model(tmp_path / "m.pt", {"model": net.state_dict()}, {"width": 2}, steps=3)
+    saved = training.load_model(path, "toy model", "Train it again.")
+    assert saved["config"] == {"width": 2} and saved["steps"] == 3
+    assert torch.equal(saved["weights"]["model"]["weight"], net.weight.detach())
+    for old in ({"state": {"model": net.state_dict()}, "config": {}}, {"state_dict": net.state_dict()}, [1]):
+        torch.save(old, tmp_path / "old.pt")
+        with pytest.raises(training.CheckpointError, match=f"{tmp_path / 'old.pt'} is not a toy model file"):
+            training.load_model(tmp_path / "old.pt", "toy model", "Train it again.")
+    (tmp_path / "vqae").mkdir()
+    torch.save({"state": {"model": net.state_dict()}, "config": {}}, tmp_path / "vqae" / "model.pt")
+    with pytest.raises(training.CheckpointError, match="is not a VQ-AE model file"):
+        store.vqae.load_vqae(get_profile("ci"), tmp_path, "cpu")

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from regdiff_core import vqae
+from regdiff_core import store, vqae
 from regdiff_core.config import VQAEConfig, get_profile
 from regdiff_core.utils import count_parameters
 
@@ -310,12 +310,12 @@ def test_a_run_stopped_early_is_the_start_of_the_full_run_and_its_snapshot(tmp_p
     assert len(full.history) == 8 and len(short.history) == 3
     assert short.history == full.history[:3]  # losses, lr (the 8-step schedule) and codebook counts
     assert [r["lr"] for r in short.history] == pytest.approx([5e-3, 2.5e-3, 5e-3])
-    snap = torch.load(vqae.snapshot_path(tmp_path / "full", 3), weights_only=True)["state"]["model"]
+    snap = torch.load(store.vqae.snapshot_path(tmp_path / "full", 3), weights_only=True)["weights"]["model"]
     for (k, p), q in zip(short.model.state_dict().items(), snap.values()):
         assert torch.equal(p, q), k
     # the snapshot is step 3, not the end of the run
     assert any(not torch.equal(p, q) for p, q in zip(full.model.state_dict().values(), snap.values()))
-    assert not vqae.snapshot_path(tmp_path / "short", 3).exists()
+    assert not store.vqae.snapshot_path(tmp_path / "short", 3).exists()
 
 
 def test_training_beats_the_trivial_baseline_on_tubes():
@@ -337,27 +337,29 @@ def test_training_beats_the_trivial_baseline_on_tubes():
 def test_save_load_and_tokens_round_trip(tmp_path):
     profile = get_profile("ci").replace({f"vqae.{k}": v for k, v in dataclasses.asdict(TINY).items()})
     with pytest.raises(FileNotFoundError, match="train-vqae"):
-        vqae.load_vqae(profile, tmp_path, "cpu")
+        store.vqae.load_vqae(profile, tmp_path, "cpu")
     with pytest.raises(FileNotFoundError, match="encode"):
-        vqae.load_tokens(tmp_path)
+        store.vqae.load_tokens(tmp_path)
     torch.manual_seed(0)
     model = vqae.build_vqae(profile.vqae)
     model.quantiser.embedding.weight.data.normal_()  # spread the codes so tokens differ
-    vqae.save_vqae(model, vqae.model_path(tmp_path))
-    loaded = vqae.load_vqae(profile, tmp_path, torch.device("cpu"))
+    store.vqae.save_vqae(model, store.vqae.model_path(tmp_path))
+    loaded = store.vqae.load_vqae(profile, tmp_path, torch.device("cpu"))
     assert not loaded.training
     x = _tubes(2).float()
     tokens = loaded.encode(x)
     assert torch.equal(tokens, model.eval().encode(x))
 
-    vqae.save_tokens(vqae.Tokens(tokens, ["032", "033"], (4, 4, 4), 16), tmp_path)
-    back = vqae.load_tokens(tmp_path)
+    store.vqae.save_tokens(vqae.Tokens(tokens, ["032", "033"], (4, 4, 4), 16), tmp_path)
+    back = store.vqae.load_tokens(tmp_path)
     assert torch.equal(back.tokens, tokens) and back.tokens.dtype == torch.long
     assert back.cases == ["032", "033"] and back.grid == (4, 4, 4) and back.codebook_size == 16
 
-    other = profile.replace({"vqae.codebook_size": 32})
-    with pytest.raises(ValueError, match="different VQ-AE"):
-        vqae.load_vqae(other, tmp_path, "cpu")
+    # the network is built from the file's config: under a profile of another VQ-AE it loads as saved
+    other = profile.replace({"vqae.codebook_size": 32, "vqae.channels": (8, 16), "vqae.embed_dim": 16})
+    again = store.vqae.load_vqae(other, tmp_path, "cpu")
+    assert again.cfg == profile.vqae and again.codebook_size == 16
+    assert torch.equal(again.encode(x), tokens)
 
 
 def test_token_stats_by_hand():
@@ -384,7 +386,7 @@ def test_cli_train_then_encode(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "vqae" / "model.pt").exists() and (tmp_path / "vqae" / "history.csv").exists()
     assert cli.main(["encode", *common]) == 0
     assert "3 pairs → tokens (3, 4, 4, 4)" in capsys.readouterr().out
-    tokens = vqae.load_tokens(tmp_path)
+    tokens = store.vqae.load_tokens(tmp_path)
     assert tokens.cases == ["032", "033", "034"] and tokens.grid == (4, 4, 4) and tokens.codebook_size == 16
 
 
@@ -448,9 +450,9 @@ def test_codebook_usage_by_hand():
 
 def test_paper_tokens_are_97_grids_with_the_documented_statistics(mirror_dir):
     """The release's lung250_3d_vqae_model_dilated.pth: 72 of 1024 codes (12–1001), pooled perplexity ≈ 35.7."""
-    tokens = vqae.load_paper_tokens(mirror_dir.parent)
+    tokens = store.vqae.load_paper_tokens(mirror_dir.parent)
     assert tokens.tokens.shape == (97, 16, 13, 16) and tokens.codebook_size == 1024
-    raw = torch.load(mirror_dir / vqae.PAPER_TOKENS_FILE, map_location="cpu", weights_only=True)
+    raw = torch.load(mirror_dir / store.vqae.PAPER_TOKENS_FILE, map_location="cpu", weights_only=True)
     assert torch.equal(tokens.tokens[5].flatten(), raw[5].long())  # C order: reshape, no permutation
     row = vqae.codebook_usage(tokens, "paper")
     assert (row["codes used"], row["lowest code"], row["highest code"]) == (72, 12, 1001)
@@ -459,12 +461,12 @@ def test_paper_tokens_are_97_grids_with_the_documented_statistics(mirror_dir):
 
 def test_paper_tokens_missing_or_wrong_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="data_download unleashing-registration"):
-        vqae.load_paper_tokens(tmp_path)
-    path = vqae.paper_tokens_path(tmp_path)
+        store.vqae.load_paper_tokens(tmp_path)
+    path = store.vqae.paper_tokens_path(tmp_path)
     path.parent.mkdir(parents=True)
     torch.save([torch.zeros(3328, dtype=torch.int16), torch.zeros(3327, dtype=torch.int16)], path)
     with pytest.raises(ValueError, match=r"lung250_3d_vqae_model_dilated.pth: entries \[1\]"):
-        vqae.load_paper_tokens(tmp_path)
+        store.vqae.load_paper_tokens(tmp_path)
     torch.save([torch.full((3328,), 1024, dtype=torch.int16)], path)
     with pytest.raises(ValueError, match="outside"):
-        vqae.load_paper_tokens(tmp_path)
+        store.vqae.load_paper_tokens(tmp_path)

@@ -92,8 +92,7 @@ def _weights(path: Path) -> list[torch.Tensor]:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if "nets" in payload:
         return [t for net in payload["nets"] for t in net.values()]
-    state = payload.get("state", {}).get("model") or payload["state_dict"]
-    return list(state.values())
+    return list(payload["weights"]["model"].values())  # training.save_model's layout
 
 
 def main(argv: Sequence[str] | None = None) -> int:

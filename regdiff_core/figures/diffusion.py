@@ -59,7 +59,7 @@ def plot_denoiser_training(
     ema: bool,
 ):
     """ELBO (left) and accuracy on masked tokens (right) against the step: the training grids' values as a
-    running mean over ``window`` steps, the held-out ``curve`` of :func:`~regdiff_core.diffusion.train_tracked`
+    running mean over ``window`` steps, the held-out ``curve`` of :func:`~regdiff_core.store.diffusion.train_tracked`
     with raw (and, if ``ema``, EMA) weights, and the baselines ``entropy`` (bits/token of the code
     histogram) and ``mode_accuracy`` (always guessing the most frequent code) as dashed lines."""
     steps = np.array([r["step"] for r in history])

@@ -34,7 +34,7 @@ import torch
 from regdiff_core import distributed
 from regdiff_core.config import CANONICAL_SHAPE, Profile
 from regdiff_core.data import PairSet
-from regdiff_core.diffusion import Denoiser, load_denoiser
+from regdiff_core.diffusion import Denoiser
 from regdiff_core.sampling import batch_seed, decode_probabilities, generate_pairs
 
 #: Where :func:`sample_to_disk` writes by default and :func:`load_synthetic` reads, under ``work_dir``.
@@ -143,8 +143,9 @@ def sample_to_disk(
     the set once every rank has finished — the same files as one process with the same seed.
     """
     from regdiff_core.config import ConfigError
+    from regdiff_core.store.diffusion import load_denoiser
+    from regdiff_core.store.vqae import load_vqae
     from regdiff_core.utils import atomic_write_text, remove_orphans
-    from regdiff_core.vqae import load_vqae
 
     cfg = profile.sampling
     work_dir = Path(work_dir)
@@ -246,7 +247,7 @@ def write_reconstructions(
     the training tokens could give with this VQ-AE, so that chapter 6 can tell what the VQ-AE loses from
     what the denoiser fails to learn. Like :func:`sample_to_disk`, the set is replaced only once complete.
     """
-    from regdiff_core.vqae import load_tokens, load_vqae
+    from regdiff_core.store.vqae import load_tokens, load_vqae
 
     work_dir = Path(work_dir)
     tokens = load_tokens(work_dir)
