@@ -90,8 +90,8 @@ def _run_and_kill(cmd: list[str], log: Path, ckpt: Path, after: float) -> int:
 
 def _weights(path: Path) -> list[torch.Tensor]:
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    if "nets" in payload:
-        return [t for net in payload["nets"] for t in net.values()]
+    if "step1" in payload["weights"]:  # registration: both steps' networks
+        return [t for step in ("step1", "step2") for t in payload["weights"][step].values()]
     return list(payload["weights"]["model"].values())  # training.save_model's layout
 
 

@@ -27,8 +27,7 @@ from regdiff_core.registration import (
     few_cases,
     train_registration,
 )
-from regdiff_core.training import CheckpointError, load_weights, read_checkpoint
-from regdiff_core.utils import atomic_torch_save
+from regdiff_core.training import CheckpointError, load_model, load_weights, read_checkpoint, save_model
 
 
 def run_name(regime: str, run: int = 0) -> str:
@@ -195,14 +194,11 @@ class TrainedRegistration(NamedTuple):
     path: Path
 
 
-def _save_model(model: TwoStepRegistration, path: Path, **extra: Any) -> Path:
-    payload = {
-        "nets": [net.state_dict() for net in model.nets],
-        "config": dataclasses.asdict(model.cfg),
-        "spatial_dims": model.spatial_dims,
-        **extra,
-    }
-    return atomic_torch_save(payload, path)
+def save_registration(model: TwoStepRegistration, path: Path, **extra: Any) -> Path:
+    """``model.pt`` of a run: both steps' weights (``step1``, ``step2``) and the config, in the one
+    model-file layout (:func:`regdiff_core.training.save_model`); ``extra``: regime, run, grid, pairs."""
+    weights = {f"step{k + 1}": net.state_dict() for k, net in enumerate(model.nets)}
+    return save_model(path, weights, dataclasses.asdict(model.cfg), spatial_dims=model.spatial_dims, **extra)
 
 
 def train_regime(
@@ -230,7 +226,7 @@ def train_regime(
         data, cfg, device, out_dir=out_dir, desc=f"registration {run_name(regime, run)}", progress=progress
     )
     n = len(data.cases)
-    path = _save_model(
+    path = save_registration(
         trained.model, out_dir / "model.pt", regime=regime, run=run, grid=trained.grid, n_pairs=n,
         cases=data.cases,
     )  # fmt: skip
@@ -256,18 +252,22 @@ def load_registration(
             )
     if not path.exists():
         raise FileNotFoundError(f"registration checkpoint {path} does not exist")
-    payload = read_checkpoint(
-        path, "registration model", "Move it away and rerun `python -m regdiff_core train-registration`."
-    )
+    again = "Move it away and rerun `python -m regdiff_core train-registration`."
+    payload = read_checkpoint(path, "registration model", again)
     regime = None
-    if isinstance(payload, dict) and "nets" in payload:
-        cfg = RegistrationConfig(**_tuples(payload["config"]))
-        states, dims, n_pairs = payload["nets"], payload.get("spatial_dims", 3), payload.get("n_pairs")
-        regime = payload.get("regime")
-    elif isinstance(payload, list | tuple) and len(payload) == 2:  # the seed's released networks
+    if isinstance(payload, list | tuple) and len(payload) == 2:  # the seed's released networks
         cfg, states, dims, n_pairs = released_config(profile), list(payload), 3, None
-    else:
-        raise CheckpointError(f"{path}: neither a chapter-5 model.pt nor a list of two UNet state dicts")
+    else:  # chapter 5's model.pt
+        saved = load_model(path, "registration model", again)
+        try:
+            cfg = RegistrationConfig(**_tuples(saved["config"]))
+            states = [saved["weights"]["step1"], saved["weights"]["step2"]]
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(
+                f"{path}: neither a chapter-5 model.pt ({type(err).__name__}: {err}) nor a list of two UNet "
+                f"state dicts. {again}"
+            ) from err
+        dims, n_pairs, regime = saved.get("spatial_dims", 3), saved.get("n_pairs"), saved.get("regime")
     model = build_registration(cfg, dims)
     for k, (net, sd) in enumerate(zip(model.nets, states)):
         load_weights(net, sd, name=f"{path} (network {k + 1})")
