@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from regdiff_core import bench, data, diffusion, distributed, metrics, registration, store, vqae
+from regdiff_core import bench, diffusion, distributed, metrics, registration, store, vqae
 from regdiff_core.config import ALL_TEST_CASES, BENCHMARK_TEST_CASES, ConfigError, Profile, get_profile
 from regdiff_core.utils import (
     default_data_dir,
@@ -54,7 +54,7 @@ def common_parser() -> argparse.ArgumentParser:
 def profile_from_args(args: argparse.Namespace) -> Profile:
     """The profile named by ``--profile`` with the ``--set`` overrides; for every stage after ``prepare``,
     the case lists of a prepared ``--work-dir`` are adopted unless ``--set`` names them
-    (:func:`regdiff_core.data.adopt_prepared_cases`)."""
+    (:func:`regdiff_core.store.data.adopt_prepared_cases`)."""
     overrides = {}
     for item in args.overrides:
         key, sep, value = item.partition("=")
@@ -63,7 +63,7 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
         overrides[key.strip()] = value.strip()
     profile = get_profile(args.profile, overrides)
     if getattr(args, "stage", None) not in (None, "prepare", "gpu-check") and getattr(args, "work_dir", None):
-        profile = data.adopt_prepared_cases(profile, args.work_dir, explicit=tuple(overrides))
+        profile = store.data.adopt_prepared_cases(profile, args.work_dir, explicit=tuple(overrides))
     return profile
 
 
@@ -87,7 +87,7 @@ def add_prepare(subparsers, common) -> None:
 
 def run_prepare(args, profile: Profile) -> int:
     # DataError, FileNotFoundError and DownloadError become "error: …" and exit status 2 in main
-    result = data.prepare(
+    result = store.data.prepare(
         profile, args.data_dir, args.work_dir, base_url=args.base_url, progress=not args.no_progress
     )
     for split, path, n in (
@@ -125,7 +125,7 @@ def run_train_vqae(args, profile: Profile) -> int:
     result = store.vqae.train(profile, args.work_dir, device, args.seed)
     if not distributed.is_main():  # torchrun: rank 0 alone judges and reports the model
         return 0
-    test = data.load_pairs(profile, args.work_dir, "test")
+    test = store.data.load_pairs(profile, args.work_dir, "test")
     batch = profile.vqae.encode_batch if args.batch_size is None else args.batch_size
     rec = vqae.reconstruct(result.model, test.volumes(dtype=torch.uint8), device, batch, amp=profile.vqae.amp)
     last = [h for h in result.history if "perplexity" in h][-1]
@@ -323,12 +323,12 @@ def add_evaluate(subparsers, common) -> None:
 def run_evaluate(args, profile: Profile) -> int:
     seed_everything(args.seed)
     device = resolve_device(args.device)
-    test = data.load_pairs(profile, args.work_dir, "test")
-    landmarks = data.load_landmarks(profile, args.data_dir, test.cases)
+    test = store.data.load_pairs(profile, args.work_dir, "test")
+    landmarks = store.data.load_landmarks(profile, args.data_dir, test.cases)
     model = None
     if args.checkpoint != "identity":
         model = store.registration.load_registration(profile, args.work_dir, args.checkpoint, device)
-    label, regime = metrics.checkpoint_label(model, args.checkpoint)
+    label, regime = store.metrics.checkpoint_label(model, args.checkpoint)
     tta = profile.evaluation.tta_iterations if args.tta is None else args.tta
     # torchrun: each rank evaluates its share of the test pairs; rank 0 gets them all back and reports
     evaluation = distributed.evaluate_split(lambda t, lm: metrics.evaluate_model(
@@ -337,8 +337,10 @@ def run_evaluate(args, profile: Profile) -> int:
     if not distributed.is_main():
         return 0
     try:  # the paper's numbers on the same pairs, from its result CSVs
-        counts = [len(f) for f in data.load_landmarks(profile, args.data_dir, ALL_TEST_CASES).canonical_fixed]
-        paper = metrics.paper_results(args.data_dir, counts)
+        counts = [
+            len(f) for f in store.data.load_landmarks(profile, args.data_dir, ALL_TEST_CASES).canonical_fixed
+        ]
+        paper = store.metrics.paper_results(args.data_dir, counts)
     except (FileNotFoundError, ValueError) as err:
         print(f"(the paper's numbers are not shown: {err})")
         paper = None
@@ -377,7 +379,7 @@ def run_evaluate(args, profile: Profile) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(jsonable(result), indent=2) + "\n")
     if args.csv:
-        print(f"per-landmark TRE → {metrics.write_per_landmark_csv(evaluation, args.csv)}")
+        print(f"per-landmark TRE → {store.metrics.write_per_landmark_csv(evaluation, args.csv)}")
     return 0
 
 

@@ -265,7 +265,7 @@ _SHARE = _real(0.0, 1.0, open_low=True, open_high=True)
 
 #: The allowed values of every field, per stage. A field missing here is refused by :func:`validate`
 #: (so a new field must say what it allows). Case ids, dataset names and divisibility of the shape
-#: are checked again where they are used (``data.split_spec``, ``data.block_factors``) against the data.
+#: are checked again where they are used (``store.data.split_spec``, ``data.block_factors``) against the data.
 RANGES: dict[str, dict[str, _Rule]] = {
     "data": {
         "shape": _ints(1, 3),

@@ -21,12 +21,13 @@ the grid the field lives on, channel ``c`` along axis ``c``, pull-back, A∘φ_A
 
 Then the chapter's evaluation: every trained regime on the test pairs, without and with test-time
 adaptation (:func:`evaluate_model`), tables in the paper's shape with the paper's own numbers read
-from its result CSVs (:func:`paper_results`); the box plots are in ``figures/metrics.py``. The paper's
-claim is judged over training seeds (:func:`seed_claim`: a difference counts only beyond the seed
-spread), TTA is followed step by step (:func:`tta_curve`), and :func:`dice_gain` measures pair realism
-without landmarks.
+from its result CSVs (:func:`~regdiff_core.store.metrics.paper_results`); the box plots are in
+``figures/metrics.py``. The paper's claim is judged over training seeds (:func:`seed_claim`: a
+difference counts only beyond the seed spread), TTA is followed step by step (:func:`tta_curve`), and
+:func:`dice_gain` measures pair realism without landmarks.
 
-A peer on the same landmarks (:func:`evaluate_keypoint_predictions`): Lung250M-4B's repository releases
+A peer on the same landmarks (:func:`keypoint_tre`, run over the files by
+:func:`~regdiff_core.store.metrics.evaluate_keypoint_predictions`): Lung250M-4B's repository releases
 VoxelMorph++ (with instance optimization) predictions for 17 of the 27 test pairs, as fixed keypoints
 and their predicted moving positions in each scan's original voxel frame. A thin-plate spline
 (``scipy.interpolate.RBFInterpolator``) interpolates the keypoint displacements at the fixed
@@ -34,6 +35,9 @@ landmarks of ``evaluation/lms_validation.pth`` (the same landmarks in the origin
 distance measures the moved fixed landmark against its moving partner. Units: the benchmark's own
 ``evaluate.py`` reports these distances in voxels of the original frame, with no spacing; its scans are
 resampled to 1 mm (header spacing within 0.35 % of 1 mm), so we do the same and call them mm.
+
+The files — the paper's result CSVs and released networks' names, Lung250M-4B's repository files,
+our per-landmark CSV — are read and written by :mod:`regdiff_core.store.metrics`; this module computes.
 
 Left out on purpose: the Hausdorff distance and per-lobe Dice (no lobe labels in the release), and
 significance tests between regimes (three seeds per regime cannot carry them; the seed spread is
@@ -46,7 +50,6 @@ import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -349,12 +352,6 @@ def evaluate_model(
 # The paper's own numbers and the tables.
 # --------------------------------------------------------------------------------------------------
 
-#: The paper's result files (per landmark: initial, network, after 50 TTA iterations) and what they hold.
-PAPER_CSVS: dict[str, str] = {
-    "real_all": "regnets_state_dilated_vessels.csv",
-    "real_few": "regnets_state_dilated_vessels_10.csv",
-    "synthetic": "regnets_state_synth.csv",
-}
 #: A regime-neutral name for each training regime, and how many pairs the paper used in it.
 REGIME_LABELS: dict[str, str] = {
     "real_all": "all real pairs",
@@ -364,8 +361,6 @@ REGIME_LABELS: dict[str, str] = {
     "reconstructions": "VQ-AE reconstructions of all real pairs, not in the paper",
 }
 PAPER_PAIRS: dict[str, int] = {"real_all": 97, "real_few": 10, "synthetic": 256}
-#: The released networks (not in the data mirror; users online may have them).
-RELEASED_NETWORKS: dict[str, str] = {k: v.replace(".csv", ".pth") for k, v in PAPER_CSVS.items()}
 
 
 class PaperResults(NamedTuple):
@@ -383,89 +378,12 @@ class PaperResults(NamedTuple):
         return float(values[keep].mean())
 
 
-def paper_results(data_dir: str | Path, landmark_counts: Sequence[int]) -> PaperResults:
-    """Read the paper's three result CSVs from ``data_dir/unleashing-registration/``.
-
-    ``landmark_counts``: landmarks per case in ALL_TEST_CASES order (from the landmark file), to know
-    which rows belong to which case.
-    """
-    root = Path(data_dir) / "unleashing-registration"
-    if len(landmark_counts) != len(ALL_TEST_CASES):
-        raise ValueError(f"need {len(ALL_TEST_CASES)} landmark counts, got {len(landmark_counts)}")
-    case = [c for c, n in zip(ALL_TEST_CASES, landmark_counts) for _ in range(int(n))]
-    net, tta, initial = {}, {}, None
-    for regime, name in PAPER_CSVS.items():
-        path = root / name
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path}: the paper's result file is missing; run chapter 1 "
-                "(`python -m regdiff_core prepare`) or `python -m data_download unleashing-registration`"
-            )
-        table = torch.from_numpy(np.loadtxt(path, delimiter=",", dtype=np.float64))
-        if table.shape != (len(case), 3):
-            raise ValueError(f"{path}: expected {len(case)} rows × 3 columns, got {tuple(table.shape)}")
-        initial = table[:, 0] if initial is None else initial
-        net[regime], tta[regime] = table[:, 1], table[:, 2]
-    return PaperResults(case, initial, net, tta)
-
-
 # --------------------------------------------------------------------------------------------------
 # A peer on the same landmarks: Lung250M-4B's VoxelMorph++ predictions
 # --------------------------------------------------------------------------------------------------
 
-#: Lung250M-4B's repository files (``data_download`` dataset ``lung250m-4b-repo``) under ``data_dir``.
-LUNG250M_REPO = "lung250m-4b-repo"
-ORIGINAL_LANDMARKS_FILE = "evaluation/lms_validation.pth"
-VXMPP_FOLDER = "predict_vxmpp"
-VXMPP_LABEL = "VoxelMorph++ with instance optimization (Lung250M-4B's predictions)"
 #: The thin-plate spline of the evaluation, as the data mirror's README measures it (2.27 mm on 104–113).
 TPS_SETTINGS: dict[str, Any] = {"kernel": "thin_plate_spline", "smoothing": 1.0, "neighbors": 200}
-
-
-def fetch_lung250m_repo(data_dir: str | Path, base_url: str | None = None) -> Path:
-    """Download (or verify) Lung250M-4B's landmarks and VoxelMorph++ predictions into
-    ``data_dir/lung250m-4b-repo`` (``$REGDIFF_LUNG250M_REPO_URL`` names a mirror); return that folder."""
-    from data_download import fetch
-
-    dest = Path(data_dir) / LUNG250M_REPO
-    fetch(LUNG250M_REPO, dest, base_url=base_url, progress=False)
-    return dest
-
-
-def load_original_landmarks(data_dir: str | Path) -> dict[str, torch.Tensor]:
-    """``evaluation/lms_validation.pth``: case id ("002", …) → (N, 6) float64, fixed then moving landmark,
-    voxel indices in each scan's original frame (27 cases, 4677 pairs)."""
-    path = Path(data_dir) / LUNG250M_REPO / ORIGINAL_LANDMARKS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: missing; download it with `python -m data_download {LUNG250M_REPO} "
-            f"--dest {path.parent.parent}`"
-        )
-    stored = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(stored, dict) or any(torch.as_tensor(v).shape[-1:] != (6,) for v in stored.values()):
-        raise ValueError(f"{path}: expected a dict of (N, 6) landmark tensors keyed by case id")
-    return {f"{int(k):03d}": torch.as_tensor(v).double() for k, v in stored.items()}
-
-
-def load_keypoint_predictions(data_dir: str | Path, folder: str = VXMPP_FOLDER) -> dict[str, torch.Tensor]:
-    """``<folder>/case_NNN.csv`` of Lung250M-4B's repository: case → (K, 6) float64 rows
-    ``x_f, y_f, z_f, x_m, y_m, z_m`` (fixed keypoint, its predicted moving position; original frame)."""
-    root = Path(data_dir) / LUNG250M_REPO / folder
-    paths = sorted(root.glob("case_[0-9][0-9][0-9].csv"))
-    if not paths:
-        raise FileNotFoundError(
-            f"{root}: no case_NNN.csv predictions; download them with `python -m data_download "
-            f"{LUNG250M_REPO} --dest {root.parent}`"
-        )
-    out = {}
-    for path in paths:
-        table = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
-        if table.shape[1] != 6:
-            raise ValueError(
-                f"{path}: expected 6 columns (x_f, y_f, z_f, x_m, y_m, z_m), got {table.shape[1]}"
-            )
-        out[path.stem.removeprefix("case_")] = torch.from_numpy(table)
-    return out
 
 
 def keypoint_tre(
@@ -520,29 +438,6 @@ class PeerResult(NamedTuple):
             "tre_initial_104_113": self.mean(BENCHMARK_TEST_CASES, initial=True),
             "tre_initial_other": self.mean(other, initial=True),
         }
-
-
-def evaluate_keypoint_predictions(
-    data_dir: str | Path,
-    folder: str = VXMPP_FOLDER,
-    method: str = VXMPP_LABEL,
-    spacing: dict[str, Sequence[float]] | None = None,
-) -> PeerResult:
-    """TRE of Lung250M-4B's released keypoint predictions (default: VoxelMorph++) at the original-frame
-    landmarks, per case (:func:`keypoint_tre`). ``spacing``: mm per voxel per case; default 1 mm, i.e.
-    voxels of the original frame, as the benchmark's ``evaluate.py`` measures."""
-    landmarks = load_original_landmarks(data_dir)
-    predictions = load_keypoint_predictions(data_dir, folder)
-    unknown = sorted(set(predictions) - set(landmarks))
-    if unknown:
-        raise ValueError(f"predictions for cases {unknown} have no landmarks in {ORIGINAL_LANDMARKS_FILE}")
-    tre, initial = {}, {}
-    for case in sorted(predictions):
-        mm = (spacing or {}).get(case, (1.0, 1.0, 1.0))
-        lms = landmarks[case]
-        tre[case] = keypoint_tre(predictions[case], lms, mm)
-        initial[case] = target_registration_error(None, lms[:, :3], lms[:, 3:], mm).initial
-    return PeerResult(method, tre, initial)
 
 
 def with_reference_rows(
@@ -817,45 +712,3 @@ def dice_gain(
             - float(dice(A_full > threshold, B_full > threshold))
         )
     return torch.tensor(gains, dtype=torch.float64)
-
-
-# --------------------------------------------------------------------------------------------------
-# Per-landmark results in the shape of the paper's CSVs
-# --------------------------------------------------------------------------------------------------
-
-
-def per_landmark_table(evaluation: Evaluation) -> np.ndarray:
-    """Per-landmark TRE (mm) in the shape of the paper's result CSVs: one row per landmark, cases in
-    :data:`~regdiff_core.config.ALL_TEST_CASES` order, columns (initial, network, after TTA); the last
-    column is NaN without TTA. ``(n_landmarks, 3)`` float64."""
-    order = {c: i for i, c in enumerate(ALL_TEST_CASES)}
-    rows = []
-    for r in sorted(evaluation.cases, key=lambda r: order.get(r.case, len(order))):
-        tta = r.tta.tre if r.tta is not None else torch.full_like(r.net.tre, float("nan"))
-        rows.append(torch.stack((r.initial, r.net.tre, tta), dim=1).double())
-    return torch.cat(rows).numpy() if rows else np.zeros((0, 3))
-
-
-def write_per_landmark_csv(evaluation: Evaluation, path: str | Path) -> Path:
-    """Write :func:`per_landmark_table` as the paper writes its CSVs (``np.savetxt``, ``%.18e``, comma)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    np.savetxt(tmp, per_landmark_table(evaluation), fmt="%.18e", delimiter=",")
-    tmp.replace(path)
-    return path
-
-
-def checkpoint_label(model, checkpoint: str) -> tuple[str, str | None]:
-    """``(label, regime)`` of an evaluated checkpoint: the regime stored in chapter 5's ``model.pt``, the
-    regime of a released ``regnets_state_*.pth`` (label "released <regime>"), else the file's stem."""
-    if checkpoint == "identity":
-        return "identity", None
-    regime = getattr(model, "regime", None)
-    if regime:
-        return regime, regime
-    name = Path(checkpoint).name
-    for key, released in RELEASED_NETWORKS.items():
-        if name == released:
-            return f"released {key}", key
-    return Path(checkpoint).stem, None

@@ -73,7 +73,7 @@ def prepared_ci(tmp_path_factory, mirror_url):
     from types import SimpleNamespace
 
     from regdiff_core.config import get_profile
-    from regdiff_core.data import prepare
+    from regdiff_core.store.data import prepare
 
     root = tmp_path_factory.mktemp("prepared_ci")
     profile = get_profile("ci")

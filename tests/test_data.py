@@ -1,4 +1,4 @@
-"""Chapter 1 (regdiff_core.data): frame, dilation, resampling, landmarks, cache and error messages.
+"""Chapter 1 (regdiff_core.data, regdiff_core.store.data): frame, dilation, resampling, landmarks, cache and error messages.
 
 Expected values are computed by hand in the comments, or come from the paper's own release (its result
 CSVs and landmark file), never from this module's output.
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regdiff_core import data
+from regdiff_core import data, store
 from regdiff_core.config import ALL_TEST_CASES, CANONICAL_SHAPE, RELEASE_TRAIN_CASES, get_profile
 
 #: The 20 of the 27 test pairs that the shared mirror holds (its README).
@@ -35,8 +35,8 @@ def write_nii(path, array, zooms=(1.0, 1.0, 1.0)):
 def release(tmp_path_factory, mirror_url):
     """The mirrored test pairs (+ landmarks and CSVs) downloaded through the real download path."""
     data_dir = tmp_path_factory.mktemp("release")
-    pairs = data.download_pairs(
-        data.RELEASE, data_dir, MIRRORED_TEST_CASES, base_url=mirror_url, progress=False
+    pairs = store.data.download_pairs(
+        store.data.RELEASE, data_dir, MIRRORED_TEST_CASES, base_url=mirror_url, progress=False
     )
     return data_dir, pairs
 
@@ -54,13 +54,13 @@ def test_landmarks_are_in_case_order(release):
     """
     data_dir, _ = release
     profile = get_profile("ci")
-    csv = np.loadtxt(data_dir / data.RELEASE / "regnets_state_dilated_vessels.csv", delimiter=",")
-    everything = data.load_landmarks(profile, data_dir, cases=ALL_TEST_CASES)
+    csv = np.loadtxt(data_dir / store.data.RELEASE / "regnets_state_dilated_vessels.csv", delimiter=",")
+    everything = store.data.load_landmarks(profile, data_dir, cases=ALL_TEST_CASES)
     counts = [len(p) for p in everything.canonical_fixed]
     assert sum(counts) == len(csv) == 4590  # PAPER.md: 4590 landmark pairs
     start = dict(zip(ALL_TEST_CASES, np.cumsum([0, *counts[:-1]])))
     for case in MIRRORED_TEST_CASES:
-        lms = data.load_landmarks(profile, data_dir, cases=[case])
+        lms = store.data.load_landmarks(profile, data_dir, cases=[case])
         tre = (lms.canonical_fixed[0] - lms.canonical_moving[0]).norm(dim=-1).double().numpy()
         rows = csv[start[case] : start[case] + len(tre), 0]
         assert tre.mean() == pytest.approx(rows.mean(), rel=1e-5), case
@@ -72,7 +72,7 @@ def test_landmarks_are_in_case_order(release):
 
 def test_landmarks_at_profile_resolution(release):
     data_dir, _ = release
-    lms = data.load_landmarks(get_profile("ci"), data_dir)  # ci's own test cases
+    lms = store.data.load_landmarks(get_profile("ci"), data_dir)  # ci's own test cases
     assert lms.cases == list(get_profile("ci").data.test_cases)
     for fixed, canonical in zip(lms.fixed, lms.canonical_fixed):
         # 64/256 = 1/4 along every axis: p = (i + 0.5)/4 − 0.5
@@ -83,7 +83,7 @@ def test_landmarks_at_profile_resolution(release):
 def test_unknown_landmark_case_is_a_clear_error(release):
     data_dir, _ = release
     with pytest.raises(data.DataError, match="'033'.*valid: 002 008"):
-        data.load_landmarks(get_profile("ci"), data_dir, cases=["033"])
+        store.data.load_landmarks(get_profile("ci"), data_dir, cases=["033"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def test_pad_crop_puts_vessels_where_the_landmarks_are(release):
     """Pooled over the mirrored test pairs, fixed landmarks lie within 2 voxels of a vessel far more
     often in the canonical frame than in frames shifted by 5 voxels along any axis."""
     data_dir, pairs = release
-    lms = data.load_landmarks(get_profile("ci"), data_dir, cases=MIRRORED_TEST_CASES)
+    lms = store.data.load_landmarks(get_profile("ci"), data_dir, cases=MIRRORED_TEST_CASES)
     r = torch.arange(-2, 3)
     ball = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
     ball = ball[ball.float().norm(dim=-1) <= 2]  # 33 offsets within 2 voxels
@@ -142,7 +142,7 @@ def test_pad_crop_puts_vessels_where_the_landmarks_are(release):
     total = 0
     for (_case, fixed_path, _), points in zip(pairs, lms.canonical_fixed):
         # the test split's path through prepare: load, binarise, (no dilation, no seed crop), pad/crop
-        fixed = data.pad_crop_to_canonical(data.binarise(data.load_label_volume(fixed_path)[0]))
+        fixed = data.pad_crop_to_canonical(data.binarise(store.data.load_label_volume(fixed_path)[0]))
         total += len(points)
         for shift in shifts:
             q = (points.round().long() + torch.tensor(shift))[:, None, :] + ball[None]
@@ -190,7 +190,9 @@ def test_release_masks_are_18_neighbourhood_dilations(mirror_dir, case):
     from scipy import ndimage
 
     for side in ("1", "2"):
-        labels, _ = data.load_label_volume(mirror_dir / "dilated_vessels_10" / f"case_{case}_{side}.nii.gz")
+        labels, _ = store.data.load_label_volume(
+            mirror_dir / "dilated_vessels_10" / f"case_{case}_{side}.nii.gz"
+        )
         mask = labels > 0
         eroded = ndimage.binary_erosion(mask, ndimage.generate_binary_structure(3, 2))
         reopened = data.dilate3(torch.from_numpy(eroded.view(np.uint8))).numpy().astype(bool)
@@ -203,17 +205,17 @@ def test_release_masks_are_18_neighbourhood_dilations(mirror_dir, case):
 
 def test_release_is_not_dilated_twice_but_raw_data_is(tmp_path):
     profile = get_profile("ci")
-    assert data.split_spec(profile, "train")[3] is False  # release: already dilated
-    assert data.split_spec(profile, "test")[3] is False
+    assert store.data.split_spec(profile, "train")[3] is False  # release: already dilated
+    assert store.data.split_spec(profile, "test")[3] is False
     raw = get_profile("ci", {"data.train_dataset": "lung250m-4b", "data.train_cases": "000,001"})
-    assert data.split_spec(raw, "train")[3] is True
+    assert store.data.split_spec(raw, "train")[3] is True
     v = np.zeros((100, 80, 100), dtype=np.uint8)
     v[50, 40, 50] = 2  # pads by h1 = d1 = (352−100)//2 − 48 = 78, w1 = (256−80)//2 − 32 = 56 → (128, 96, 128)
     f, m = write_nii(tmp_path / "a.nii.gz", v), write_nii(tmp_path / "b.nii.gz", v)
-    assert data.load_canonical_pair(f, m, case="000", dilate=False).fixed.nonzero().tolist() == [
+    assert store.data.load_canonical_pair(f, m, case="000", dilate=False).fixed.nonzero().tolist() == [
         [128, 96, 128]
     ]
-    pair = data.load_canonical_pair(f, m, case="000", dilate=True)
+    pair = store.data.load_canonical_pair(f, m, case="000", dilate=True)
     # one voxel → its 18-neighbourhood: the 3×3×3 block around (128, 96, 128) without the 8 corners
     block = pair.fixed[127:130, 95:98, 127:130]
     assert int(pair.fixed.sum()) == 19 and int(block.sum()) == 19 and int(block[0, 0, 0]) == 0
@@ -283,7 +285,7 @@ def test_missing_file_names_the_path(tmp_path):
     f = write_nii(tmp_path / "case_001_1.nii.gz", np.zeros((4, 4, 4), np.uint8))
     missing = tmp_path / "case_001_2.nii.gz"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        data.load_canonical_pair(f, missing, case="001", dilate=False)
+        store.data.load_canonical_pair(f, missing, case="001", dilate=False)
 
 
 def test_missing_mirror_case_names_case_and_file(tmp_path, mirror_url, monkeypatch):
@@ -292,14 +294,14 @@ def test_missing_mirror_case_names_case_and_file(tmp_path, mirror_url, monkeypat
     monkeypatch.setattr("data_download.core.RETRIES", 0)  # a 404 stays a 404; don't wait for retries
 
     with pytest.raises(DownloadError, match=r"case 094.*dilated_vessels_ts/case_094_1\.nii\.gz"):
-        data.download_pairs(data.RELEASE, tmp_path, ["094"], base_url=mirror_url, progress=False)
+        store.data.download_pairs(store.data.RELEASE, tmp_path, ["094"], base_url=mirror_url, progress=False)
 
 
 def test_pair_of_different_shapes_names_both(tmp_path):
     f = write_nii(tmp_path / "case_001_1.nii.gz", np.zeros((4, 5, 6), np.uint8))
     m = write_nii(tmp_path / "case_001_2.nii.gz", np.zeros((4, 5, 7), np.uint8))
     with pytest.raises(data.DataError) as err:
-        data.load_canonical_pair(f, m, case="001", dilate=False)
+        store.data.load_canonical_pair(f, m, case="001", dilate=False)
     message = str(err.value)
     assert all(s in message for s in (str(f), str(m), "(4, 5, 6)", "(4, 5, 7)")), message
 
@@ -316,20 +318,20 @@ def test_pair_of_different_shapes_names_both(tmp_path):
 def test_non_label_data_names_file_and_values(tmp_path, array, shown):
     path = write_nii(tmp_path / "ct.nii.gz", np.resize(array, (4, 4, 4)))
     with pytest.raises(data.DataError) as err:
-        data.load_label_volume(path)
+        store.data.load_label_volume(path)
     assert str(path) in str(err.value) and shown in str(err.value), err.value
 
 
 def test_label_data_as_float_is_accepted(tmp_path):
     path = write_nii(tmp_path / "ok.nii.gz", np.resize(np.array([0.0, 1.0, 2.0]), (3, 3, 3)))
-    array, spacing = data.load_label_volume(path)
+    array, spacing = store.data.load_label_volume(path)
     assert torch.equal(data.binarise(array), torch.from_numpy((array > 0).astype(np.uint8)))
     assert spacing == (1.0, 1.0, 1.0)
 
 
 def test_load_pairs_without_prepare_names_file_and_stage(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"prepared/train\.pt.*prepare --profile ci"):
-        data.load_pairs(get_profile("ci"), tmp_path, "train")
+        store.data.load_pairs(get_profile("ci"), tmp_path, "train")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -339,8 +341,8 @@ def test_load_pairs_without_prepare_names_file_and_stage(tmp_path):
 
 def test_prepared_ci_pairs(prepared_ci):
     profile = prepared_ci.profile
-    train = data.load_pairs(profile, prepared_ci.work_dir, "train")
-    test = data.load_pairs(profile, prepared_ci.work_dir, "test")
+    train = store.data.load_pairs(profile, prepared_ci.work_dir, "train")
+    test = store.data.load_pairs(profile, prepared_ci.work_dir, "test")
     assert train.cases == list(RELEASE_TRAIN_CASES) and len(train) == 10
     assert test.cases == list(profile.data.test_cases)
     for pairs in (train, test):
@@ -357,8 +359,8 @@ def test_prepared_ci_pairs(prepared_ci):
 def test_prepared_landmarks_sit_on_prepared_vessels(prepared_ci):
     """At 64×52×64 the fixed landmarks hit a vessel voxel more often than one profile voxel off."""
     profile = prepared_ci.profile
-    test = data.load_pairs(profile, prepared_ci.work_dir, "test")
-    lms = data.load_landmarks(profile, prepared_ci.data_dir, test.cases)
+    test = store.data.load_pairs(profile, prepared_ci.work_dir, "test")
+    lms = store.data.load_landmarks(profile, prepared_ci.data_dir, test.cases)
     upper = torch.tensor(profile.data.shape) - 1
     shifts = [(0, 0, 0)] + [tuple(s * (a == k) for a in range(3)) for k in range(3) for s in (1, -1)]
     share = {}
@@ -385,7 +387,9 @@ def test_prepare_again_uses_the_cache_and_cli(prepared_ci, mirror_url, capsys):
     out = capsys.readouterr().out
     n_test = len(prepared_ci.profile.data.test_cases)
     assert "train: 10 pairs at 64×52×64 cached" in out and f"test: {n_test} pairs" in out
-    result = data.prepare(prepared_ci.profile, prepared_ci.data_dir, prepared_ci.work_dir, progress=False)
+    result = store.data.prepare(
+        prepared_ci.profile, prepared_ci.data_dir, prepared_ci.work_dir, progress=False
+    )
     assert result.cached == ("train", "test")
 
 
@@ -394,10 +398,10 @@ def test_cached_prepare_still_fetches_a_missing_release_file(prepared_ci, mirror
     import shutil
 
     shutil.copytree(prepared_ci.work_dir / "prepared", tmp_path / "work" / "prepared")
-    release = tmp_path / "data" / data.RELEASE
+    release = tmp_path / "data" / store.data.RELEASE
     release.mkdir(parents=True)
-    shutil.copy(prepared_ci.data_dir / data.RELEASE / data.LANDMARKS_FILE, release)
-    result = data.prepare(
+    shutil.copy(prepared_ci.data_dir / store.data.RELEASE / store.data.LANDMARKS_FILE, release)
+    result = store.data.prepare(
         prepared_ci.profile, tmp_path / "data", tmp_path / "work", base_url=mirror_url, progress=False
     )
     assert result.cached == ("train", "test")
@@ -409,18 +413,18 @@ def test_stale_cache_is_refused(prepared_ci):
     with pytest.raises(
         data.DataError, match=r"same --set data.train_cases=… as to prepare.*another --work-dir"
     ):
-        data.load_pairs(other, prepared_ci.work_dir, "train")
+        store.data.load_pairs(other, prepared_ci.work_dir, "train")
 
 
 def test_case_lists_agree_with_the_download_manifest():
     from data_download import DATASETS
 
-    assert data.LUNG250M_TRAIN_CASES == DATASETS["lung250m-4b"].splits["train"]
-    assert RELEASE_TRAIN_CASES == DATASETS[data.RELEASE].splits["train"]
-    assert ALL_TEST_CASES == DATASETS[data.RELEASE].splits["test"]
-    for dataset, layout in data.DATASETS.items():
+    assert store.data.LUNG250M_TRAIN_CASES == DATASETS["lung250m-4b"].splits["train"]
+    assert RELEASE_TRAIN_CASES == DATASETS[store.data.RELEASE].splits["train"]
+    assert ALL_TEST_CASES == DATASETS[store.data.RELEASE].splits["test"]
+    for dataset, layout in store.data.DATASETS.items():
         case = layout.train_cases[0]
-        expected = tuple(p.as_posix() for p in data.pair_paths("", layout.train_folder, case))
+        expected = tuple(p.as_posix() for p in store.data.pair_paths("", layout.train_folder, case))
         assert DATASETS[dataset].pair(case) == expected
 
 
@@ -431,7 +435,7 @@ def test_input_record_takes_a_relative_data_dir(tmp_path, monkeypatch):
     f = tmp_path / "data" / "ds" / "case_1.nii.gz"
     f.write_bytes(b"abc")
     monkeypatch.chdir(tmp_path / "nb")
-    record = data.input_record([f], Path("../data/ds"))
+    record = store.data.input_record([f], Path("../data/ds"))
     assert list(record) == ["case_1.nii.gz"] and record["case_1.nii.gz"][0] == 3
 
 

@@ -152,7 +152,7 @@ def _truncated(ckpt: Path) -> None:
     ids=["wrong-structure", "no-rng", "truncated"],
 )
 def test_a_bad_checkpoint_is_named_and_kept(tmp_path, monkeypatch, capsys, damage, extra, message):
-    monkeypatch.setattr(data, "load_pairs", tube_pairs)
+    monkeypatch.setattr(store.data, "load_pairs", tube_pairs)
     assert vqae_cli(tmp_path, capsys)[0] == 0
     ckpt = tmp_path / "vqae" / "checkpoint.pt"
     if damage is not None:
@@ -168,7 +168,7 @@ def test_a_bad_checkpoint_is_named_and_kept(tmp_path, monkeypatch, capsys, damag
 
 def test_a_checkpoint_of_other_settings_or_tokens_is_set_aside_not_resumed(tmp_path, monkeypatch, capsys):
     # the VQ-AE with another architecture: its checkpoint is kept under another name, training starts afresh
-    monkeypatch.setattr(data, "load_pairs", tube_pairs)
+    monkeypatch.setattr(store.data, "load_pairs", tube_pairs)
     assert vqae_cli(tmp_path, capsys)[0] == 0
     ckpt = tmp_path / "vqae" / "checkpoint.pt"
     old = torch.load(ckpt, weights_only=True)
@@ -209,7 +209,7 @@ def test_truncated_prepared_pairs_are_named_with_the_command_that_rebuilds_them(
 
 
 def test_truncated_model_files_are_named(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data, "load_pairs", tube_pairs)
+    monkeypatch.setattr(store.data, "load_pairs", tube_pairs)
     assert vqae_cli(tmp_path, capsys)[0] == 0
     model = tmp_path / "vqae" / "model.pt"
     _truncated(model)
@@ -234,7 +234,7 @@ def test_a_broken_nifti_in_a_local_data_folder_is_named(tmp_path, monkeypatch, c
         bad.write_bytes(good.read_bytes()[:40])
     else:
         bad.write_bytes(b"<html>sign in</html>")  # what a login page saved under the file's name looks like
-    monkeypatch.setattr(data, "download_pairs", lambda ds, d, cases, **kw: [("032", bad, good)])
+    monkeypatch.setattr(store.data, "download_pairs", lambda ds, d, cases, **kw: [("032", bad, good)])
     before = snapshot(tmp_path)
     code, err = run_cli(
         ["prepare", "--data-dir", str(tmp_path / "data"), "--work-dir", str(tmp_path / "work"),
@@ -335,7 +335,7 @@ def test_divergence_advice_works_as_written(tmp_path):
 
 
 def test_divergence_on_the_command_line_names_the_checkpoint_and_the_setting(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data, "load_pairs", tube_pairs)
+    monkeypatch.setattr(store.data, "load_pairs", tube_pairs)
     real_ce = vqae.paired_cross_entropy
     calls = []
 
@@ -655,18 +655,21 @@ def test_replaced_input_files_rebuild_the_prepared_cache(tmp_path, monkeypatch):
             out.append((c, *paths))
         return out
 
-    monkeypatch.setattr(data, "download_pairs", local_pairs)
+    monkeypatch.setattr(store.data, "download_pairs", local_pairs)
     profile = get_profile("ci", {"data.train_cases": "032", "data.test_cases": "104"})
-    first = data.prepare(profile, root, tmp_path / "work", progress=False)
-    assert first.cached == () and int(data.load_pairs(profile, tmp_path / "work", "train").fixed.sum()) == 0
-    assert data.prepare(profile, root, tmp_path / "work", progress=False).cached == ("train", "test")
+    first = store.data.prepare(profile, root, tmp_path / "work", progress=False)
+    assert (
+        first.cached == ()
+        and int(store.data.load_pairs(profile, tmp_path / "work", "train").fixed.sum()) == 0
+    )
+    assert store.data.prepare(profile, root, tmp_path / "work", progress=False).cached == ("train", "test")
     # the input is replaced by a different scan: the cache must not serve the old one
     vessels = np.zeros((16, 16, 16), np.uint8)
     vessels[8, 8, 8] = 1
     write_label_map(root / "unleashing-registration/dilated_vessels_10/case_032_1.nii.gz", vessels)
-    again = data.prepare(profile, root, tmp_path / "work", progress=False)
+    again = store.data.prepare(profile, root, tmp_path / "work", progress=False)
     assert again.cached == ("test",)
-    assert int(data.load_pairs(profile, tmp_path / "work", "train").fixed.sum()) == 1
+    assert int(store.data.load_pairs(profile, tmp_path / "work", "train").fixed.sum()) == 1
 
 
 def test_a_stalled_transfer_is_not_reported_as_offline(tmp_path, monkeypatch, no_retries, capsys):

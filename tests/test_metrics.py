@@ -11,6 +11,7 @@ import torch
 
 from regdiff_core import metrics as M
 from regdiff_core import registration as R
+from regdiff_core import store
 from regdiff_core.config import ALL_TEST_CASES, BENCHMARK_TEST_CASES, get_profile
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -64,7 +65,7 @@ def test_tre_of_the_true_translation_is_zero_at_any_resolution(grid):
 
 
 def test_initial_tre_matches_the_paper_csv(mirror_dir):
-    from regdiff_core.data import load_landmarks
+    from regdiff_core.store.data import load_landmarks
 
     lms = load_landmarks(get_profile("ci"), mirror_dir.parent, ALL_TEST_CASES)
     initial = torch.cat(
@@ -127,10 +128,10 @@ def test_inverse_consistency_error_of_an_exponential_pair_is_small():
 
 
 def test_paper_results_are_read_from_the_csvs(mirror_dir):
-    from regdiff_core.data import load_landmarks
+    from regdiff_core.store.data import load_landmarks
 
     lms = load_landmarks(get_profile("ci"), mirror_dir.parent, ALL_TEST_CASES)
-    paper = M.paper_results(mirror_dir.parent, [len(f) for f in lms.canonical_fixed])
+    paper = store.metrics.paper_results(mirror_dir.parent, [len(f) for f in lms.canonical_fixed])
     # the paper's published means (PAPER.md): 15.42 → 4.01 / 2.76, 10.98 / 3.45, 7.27 / 2.92
     assert round(paper.mean(paper.initial), 2) == 15.42
     regimes = ("real_all", "real_few", "synthetic")
@@ -148,7 +149,7 @@ def test_paper_results_are_read_from_the_csvs(mirror_dir):
 
 def test_evaluate_on_real_ci_pairs(prepared_ci, tmp_path):
     from regdiff_core.cli import main
-    from regdiff_core.data import load_landmarks, load_pairs
+    from regdiff_core.store.data import load_landmarks, load_pairs
 
     profile = prepared_ci.profile
     test = load_pairs(profile, prepared_ci.work_dir, "test")
@@ -172,7 +173,8 @@ def test_evaluate_on_real_ci_pairs(prepared_ci, tmp_path):
 
 def one_test_pair(prepared, case="054"):
     """One prepared ci test pair as a PairSet, with its landmarks."""
-    from regdiff_core.data import PairSet, load_landmarks, load_pairs
+    from regdiff_core.data import PairSet
+    from regdiff_core.store.data import load_landmarks, load_pairs
 
     test = load_pairs(prepared.profile, prepared.work_dir, "test")
     i = test.cases.index(case)
@@ -269,7 +271,7 @@ def test_keypoint_tre_of_an_affine_motion_by_hand():
 
 @pytest.fixture(scope="module")
 def vxmpp(repo_data_dir):
-    return M.evaluate_keypoint_predictions(repo_data_dir)
+    return store.metrics.evaluate_keypoint_predictions(repo_data_dir)
 
 
 def test_voxelmorph_pp_predictions_give_the_benchmarks_2_26_mm_on_104_113(vxmpp):
@@ -302,7 +304,7 @@ def test_original_and_canonical_landmarks_agree(repo_data_dir, mirror_dir):
     from regdiff_core.config import CANONICAL_SHAPE
     from regdiff_core.data import original_to_canonical
 
-    original = M.load_original_landmarks(repo_data_dir)
+    original = store.metrics.load_original_landmarks(repo_data_dir)
     fixed, moving = torch.load(
         mirror_dir / "lms_validation_cropped.pth", map_location="cpu", weights_only=True
     )
@@ -348,13 +350,8 @@ def test_original_frame_voxels_are_mm_within_0_35_percent(mirror_dir):
 def test_per_landmark_csv_has_the_papers_shape_and_case_order(tmp_path):
     from types import SimpleNamespace
 
-    from regdiff_core.metrics import (
-        CaseEvaluation,
-        Evaluation,
-        MapMetrics,
-        checkpoint_label,
-        write_per_landmark_csv,
-    )
+    from regdiff_core.metrics import CaseEvaluation, Evaluation, MapMetrics
+    from regdiff_core.store.metrics import checkpoint_label, write_per_landmark_csv
 
     def case(name, initial, net, tta=None):
         mm = lambda tre: MapMetrics(torch.tensor(tre), 0.0, 0.0, 0.0, 1.0)  # noqa: E731

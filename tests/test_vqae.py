@@ -369,14 +369,14 @@ def test_token_stats_by_hand():
 
 
 def test_cli_train_then_encode(tmp_path, monkeypatch, capsys):
-    from regdiff_core import cli, data
+    from regdiff_core import cli, data, store
 
     def fake_load_pairs(profile, work_dir, split):  # tube pairs instead of chapter 1's prepared data
         v = _tubes(3 if split == "train" else 2, seed=0 if split == "train" else 1)
         cases = ["032", "033", "034"] if split == "train" else ["104", "108"]
         return data.PairSet(cases=cases, fixed=v[:, 0], moving=v[:, 1], spacing=torch.ones(len(cases), 3))
 
-    monkeypatch.setattr(data, "load_pairs", fake_load_pairs)
+    monkeypatch.setattr(store.data, "load_pairs", fake_load_pairs)
     tiny = ["vqae.channels=4,8", "vqae.strides=2,2", "vqae.embed_dim=8", "vqae.codebook_size=16"]
     tiny += ["vqae.iterations=3", "vqae.patch_size=16", "vqae.batch_size=2", "vqae.log_every=1"]
     common = ["--profile", "ci", "--work-dir", str(tmp_path), "--device", "cpu"]

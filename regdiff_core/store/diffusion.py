@@ -130,7 +130,7 @@ def training_tokens(profile: Profile, work_dir: str | Path, device: torch.device
     tokens = tokens if tokens is not None else load_tokens(work_dir)
     if not cfg.augment_flip and cfg.augment_shift == "none":
         return tokens
-    from regdiff_core.data import load_pairs
+    from regdiff_core.store.data import load_pairs
 
     pairs = load_pairs(profile, work_dir, "train")
     if list(pairs.cases) != list(tokens.cases):

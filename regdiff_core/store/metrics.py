@@ -1,3 +1,202 @@
-"""Chapter metrics's files (see :mod:`regdiff_core.store`)."""
+"""Chapter 6's files: the paper's result CSVs, Lung250M-4B's repository files, our per-landmark CSV.
+
+:mod:`regdiff_core.metrics` holds what chapter 6 computes (TRE, Dice, Jacobians, inverse consistency,
+:func:`~regdiff_core.metrics.evaluate_model`, the claim over seeds, the tables) and the structures it
+returns (:class:`~regdiff_core.metrics.Evaluation`, :class:`~regdiff_core.metrics.PaperResults`,
+:class:`~regdiff_core.metrics.PeerResult`); this module names and reads the files the chapter compares
+against and writes the one it produces:
+
+- ``data_dir/unleashing-registration/regnets_state_{dilated_vessels,dilated_vessels_10,synth}.csv``
+  (:data:`PAPER_CSVS`, downloaded with chapter 1's release): the paper's per-landmark TRE, one row per
+  landmark in :data:`~regdiff_core.config.ALL_TEST_CASES` order, columns (initial, network, after 50
+  TTA iterations), read by :func:`paper_results`. The released networks beside them,
+  ``regnets_state_*.pth`` (:data:`RELEASED_NETWORKS`), are named by :func:`checkpoint_label`;
+- ``data_dir/lung250m-4b-repo/`` (:func:`fetch_lung250m_repo`): ``evaluation/lms_validation.pth``, the
+  27 test pairs' landmarks in each scan's original voxel frame (:func:`load_original_landmarks`), and
+  ``predict_vxmpp/case_NNN.csv``, VoxelMorph++ keypoint predictions for 17 of them
+  (:func:`load_keypoint_predictions`); :func:`evaluate_keypoint_predictions` reads both and measures
+  them with :func:`~regdiff_core.metrics.keypoint_tre`;
+- our own per-landmark TRE in the shape of the paper's CSVs (:func:`per_landmark_table`,
+  :func:`write_per_landmark_csv`; ``python -m regdiff_core evaluate --csv``).
+
+Kept apart from the computation so that the chapter module reads as the method and its metrics are
+tested on tensors; the file names, formats and their error messages change here.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from regdiff_core.config import ALL_TEST_CASES
+from regdiff_core.metrics import (
+    Evaluation,
+    PaperResults,
+    PeerResult,
+    keypoint_tre,
+    target_registration_error,
+)
+
+# --------------------------------------------------------------------------------------------------
+# The paper's result files and released networks
+# --------------------------------------------------------------------------------------------------
+
+#: The paper's result files (per landmark: initial, network, after 50 TTA iterations) and what they hold.
+PAPER_CSVS: dict[str, str] = {
+    "real_all": "regnets_state_dilated_vessels.csv",
+    "real_few": "regnets_state_dilated_vessels_10.csv",
+    "synthetic": "regnets_state_synth.csv",
+}
+#: The released networks (not in the data mirror; users online may have them).
+RELEASED_NETWORKS: dict[str, str] = {k: v.replace(".csv", ".pth") for k, v in PAPER_CSVS.items()}
+
+
+def paper_results(data_dir: str | Path, landmark_counts: Sequence[int]) -> PaperResults:
+    """Read the paper's three result CSVs from ``data_dir/unleashing-registration/``.
+
+    ``landmark_counts``: landmarks per case in ALL_TEST_CASES order (from the landmark file), to know
+    which rows belong to which case.
+    """
+    root = Path(data_dir) / "unleashing-registration"
+    if len(landmark_counts) != len(ALL_TEST_CASES):
+        raise ValueError(f"need {len(ALL_TEST_CASES)} landmark counts, got {len(landmark_counts)}")
+    case = [c for c, n in zip(ALL_TEST_CASES, landmark_counts) for _ in range(int(n))]
+    net, tta, initial = {}, {}, None
+    for regime, name in PAPER_CSVS.items():
+        path = root / name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: the paper's result file is missing; run chapter 1 "
+                "(`python -m regdiff_core prepare`) or `python -m data_download unleashing-registration`"
+            )
+        table = torch.from_numpy(np.loadtxt(path, delimiter=",", dtype=np.float64))
+        if table.shape != (len(case), 3):
+            raise ValueError(f"{path}: expected {len(case)} rows × 3 columns, got {tuple(table.shape)}")
+        initial = table[:, 0] if initial is None else initial
+        net[regime], tta[regime] = table[:, 1], table[:, 2]
+    return PaperResults(case, initial, net, tta)
+
+
+def checkpoint_label(model, checkpoint: str) -> tuple[str, str | None]:
+    """``(label, regime)`` of an evaluated checkpoint: the regime stored in chapter 5's ``model.pt``, the
+    regime of a released ``regnets_state_*.pth`` (label "released <regime>"), else the file's stem."""
+    if checkpoint == "identity":
+        return "identity", None
+    regime = getattr(model, "regime", None)
+    if regime:
+        return regime, regime
+    name = Path(checkpoint).name
+    for key, released in RELEASED_NETWORKS.items():
+        if name == released:
+            return f"released {key}", key
+    return Path(checkpoint).stem, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Lung250M-4B's repository: landmarks in the original frame, VoxelMorph++ predictions
+# --------------------------------------------------------------------------------------------------
+
+#: Lung250M-4B's repository files (``data_download`` dataset ``lung250m-4b-repo``) under ``data_dir``.
+LUNG250M_REPO = "lung250m-4b-repo"
+ORIGINAL_LANDMARKS_FILE = "evaluation/lms_validation.pth"
+VXMPP_FOLDER = "predict_vxmpp"
+VXMPP_LABEL = "VoxelMorph++ with instance optimization (Lung250M-4B's predictions)"
+
+
+def fetch_lung250m_repo(data_dir: str | Path, base_url: str | None = None) -> Path:
+    """Download (or verify) Lung250M-4B's landmarks and VoxelMorph++ predictions into
+    ``data_dir/lung250m-4b-repo`` (``$REGDIFF_LUNG250M_REPO_URL`` names a mirror); return that folder."""
+    from data_download import fetch
+
+    dest = Path(data_dir) / LUNG250M_REPO
+    fetch(LUNG250M_REPO, dest, base_url=base_url, progress=False)
+    return dest
+
+
+def load_original_landmarks(data_dir: str | Path) -> dict[str, torch.Tensor]:
+    """``evaluation/lms_validation.pth``: case id ("002", …) → (N, 6) float64, fixed then moving landmark,
+    voxel indices in each scan's original frame (27 cases, 4677 pairs)."""
+    path = Path(data_dir) / LUNG250M_REPO / ORIGINAL_LANDMARKS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: missing; download it with `python -m data_download {LUNG250M_REPO} "
+            f"--dest {path.parent.parent}`"
+        )
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(stored, dict) or any(torch.as_tensor(v).shape[-1:] != (6,) for v in stored.values()):
+        raise ValueError(f"{path}: expected a dict of (N, 6) landmark tensors keyed by case id")
+    return {f"{int(k):03d}": torch.as_tensor(v).double() for k, v in stored.items()}
+
+
+def load_keypoint_predictions(data_dir: str | Path, folder: str = VXMPP_FOLDER) -> dict[str, torch.Tensor]:
+    """``<folder>/case_NNN.csv`` of Lung250M-4B's repository: case → (K, 6) float64 rows
+    ``x_f, y_f, z_f, x_m, y_m, z_m`` (fixed keypoint, its predicted moving position; original frame)."""
+    root = Path(data_dir) / LUNG250M_REPO / folder
+    paths = sorted(root.glob("case_[0-9][0-9][0-9].csv"))
+    if not paths:
+        raise FileNotFoundError(
+            f"{root}: no case_NNN.csv predictions; download them with `python -m data_download "
+            f"{LUNG250M_REPO} --dest {root.parent}`"
+        )
+    out = {}
+    for path in paths:
+        table = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+        if table.shape[1] != 6:
+            raise ValueError(
+                f"{path}: expected 6 columns (x_f, y_f, z_f, x_m, y_m, z_m), got {table.shape[1]}"
+            )
+        out[path.stem.removeprefix("case_")] = torch.from_numpy(table)
+    return out
+
+
+def evaluate_keypoint_predictions(
+    data_dir: str | Path,
+    folder: str = VXMPP_FOLDER,
+    method: str = VXMPP_LABEL,
+    spacing: dict[str, Sequence[float]] | None = None,
+) -> PeerResult:
+    """TRE of Lung250M-4B's released keypoint predictions (default: VoxelMorph++) at the original-frame
+    landmarks, per case (:func:`keypoint_tre`). ``spacing``: mm per voxel per case; default 1 mm, i.e.
+    voxels of the original frame, as the benchmark's ``evaluate.py`` measures."""
+    landmarks = load_original_landmarks(data_dir)
+    predictions = load_keypoint_predictions(data_dir, folder)
+    unknown = sorted(set(predictions) - set(landmarks))
+    if unknown:
+        raise ValueError(f"predictions for cases {unknown} have no landmarks in {ORIGINAL_LANDMARKS_FILE}")
+    tre, initial = {}, {}
+    for case in sorted(predictions):
+        mm = (spacing or {}).get(case, (1.0, 1.0, 1.0))
+        lms = landmarks[case]
+        tre[case] = keypoint_tre(predictions[case], lms, mm)
+        initial[case] = target_registration_error(None, lms[:, :3], lms[:, 3:], mm).initial
+    return PeerResult(method, tre, initial)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-landmark results in the shape of the paper's CSVs
+# --------------------------------------------------------------------------------------------------
+
+
+def per_landmark_table(evaluation: Evaluation) -> np.ndarray:
+    """Per-landmark TRE (mm) in the shape of the paper's result CSVs: one row per landmark, cases in
+    :data:`~regdiff_core.config.ALL_TEST_CASES` order, columns (initial, network, after TTA); the last
+    column is NaN without TTA. ``(n_landmarks, 3)`` float64."""
+    order = {c: i for i, c in enumerate(ALL_TEST_CASES)}
+    rows = []
+    for r in sorted(evaluation.cases, key=lambda r: order.get(r.case, len(order))):
+        tta = r.tta.tre if r.tta is not None else torch.full_like(r.net.tre, float("nan"))
+        rows.append(torch.stack((r.initial, r.net.tre, tta), dim=1).double())
+    return torch.cat(rows).numpy() if rows else np.zeros((0, 3))
+
+
+def write_per_landmark_csv(evaluation: Evaluation, path: str | Path) -> Path:
+    """Write :func:`per_landmark_table` as the paper writes its CSVs (``np.savetxt``, ``%.18e``, comma)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    np.savetxt(tmp, per_landmark_table(evaluation), fmt="%.18e", delimiter=",")
+    tmp.replace(path)
+    return path

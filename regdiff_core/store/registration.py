@@ -154,7 +154,7 @@ def regime_data(profile: Profile, work_dir: str | Path, regime: str) -> RegimeDa
         empty = torch.zeros(0, dtype=torch.uint8)
         return RegimeData(regime, cases, empty, empty, 0, len(files), synthetic_files=files)
     if regime != "synthetic":
-        from regdiff_core.data import load_pairs
+        from regdiff_core.store.data import load_pairs
 
         real = load_pairs(profile, Path(work_dir), "train")
         keep = list(range(len(real.cases)))

@@ -213,7 +213,7 @@ def train(
     :func:`~regdiff_core.vqae.train_vqae`.
     Resumes from ``work_dir/<run_name>/checkpoint.pt`` if present.
     """
-    from regdiff_core.data import load_pairs
+    from regdiff_core.store.data import load_pairs
     from regdiff_core.utils import resolve_device, seed_everything
 
     device = resolve_device(device)
@@ -247,7 +247,7 @@ def encode_pairs(
 
     ``batch_size``: volumes per encoder call (default ``profile.vqae.encode_batch``).
     """
-    from regdiff_core.data import load_pairs
+    from regdiff_core.store.data import load_pairs
     from regdiff_core.utils import resolve_device
 
     device = resolve_device(device)
