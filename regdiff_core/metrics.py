@@ -26,15 +26,9 @@ from its result CSVs (:func:`~regdiff_core.store.metrics.paper_results`); the bo
 difference counts only beyond the seed spread), TTA is followed step by step (:func:`tta_curve`), and
 :func:`dice_gain` measures pair realism without landmarks.
 
-A peer on the same landmarks (:func:`keypoint_tre`, run over the files by
-:func:`~regdiff_core.store.metrics.evaluate_keypoint_predictions`): Lung250M-4B's repository releases
-VoxelMorph++ (with instance optimization) predictions for 17 of the 27 test pairs, as fixed keypoints
-and their predicted moving positions in each scan's original voxel frame. A thin-plate spline
-(``scipy.interpolate.RBFInterpolator``) interpolates the keypoint displacements at the fixed
-landmarks of ``evaluation/lms_validation.pth`` (the same landmarks in the original frame), and our TRE
-distance measures the moved fixed landmark against its moving partner. Units: the benchmark's own
-``evaluate.py`` reports these distances in voxels of the original frame, with no spacing; its scans are
-resampled to 1 mm (header spacing within 0.35 % of 1 mm), so we do the same and call them mm.
+A peer on the same landmarks: Lung250M-4B's VoxelMorph++ predictions for 17 of the 27 test pairs, scored
+with our TRE by :func:`~regdiff_core.store.metrics.evaluate_keypoint_predictions` (a thin-plate spline
+through its keypoints; the units are explained there), stand beside ours in :func:`with_reference_rows`.
 
 The files — the paper's result CSVs and released networks' names, Lung250M-4B's repository files,
 our per-landmark CSV — are read and written by :mod:`regdiff_core.store.metrics`; this module computes.
@@ -50,13 +44,13 @@ import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from regdiff_core.config import ALL_TEST_CASES, BENCHMARK_TEST_CASES, CANONICAL_SHAPE, Profile
+from regdiff_core.config import ALL_TEST_CASES, CANONICAL_SHAPE, Profile
 from regdiff_core.data import dice
 from regdiff_core.registration import (
     TwoStepRegistration,
@@ -68,6 +62,9 @@ from regdiff_core.registration import (
     to_grid,
     warp,
 )
+
+if TYPE_CHECKING:  # only an annotation: the chapter module does not import the store at run time
+    from regdiff_core.store.metrics import PeerResult
 
 # --------------------------------------------------------------------------------------------------
 # Metrics on fields.
@@ -376,68 +373,6 @@ class PaperResults(NamedTuple):
             return float(values.mean())
         keep = torch.tensor([c in set(cases) for c in self.case])
         return float(values[keep].mean())
-
-
-# --------------------------------------------------------------------------------------------------
-# A peer on the same landmarks: Lung250M-4B's VoxelMorph++ predictions
-# --------------------------------------------------------------------------------------------------
-
-#: The thin-plate spline of the evaluation, as the data mirror's README measures it (2.27 mm on 104–113).
-TPS_SETTINGS: dict[str, Any] = {"kernel": "thin_plate_spline", "smoothing": 1.0, "neighbors": 200}
-
-
-def keypoint_tre(
-    keypoints: torch.Tensor, landmarks: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0)
-) -> torch.Tensor:
-    """TRE (N,) of a method given as corresponding keypoints, at landmarks it never saw.
-
-    ``keypoints`` (K, 6): fixed keypoint, predicted moving position; ``landmarks`` (N, 6): fixed, moving;
-    both voxel indices of one frame; ``spacing`` mm per voxel. A thin-plate spline
-    (:data:`TPS_SETTINGS`) interpolates the displacements ``k_m − k_f`` at the fixed landmarks f; the
-    error is our TRE distance ‖(f + u(f) − m)·spacing‖ (:func:`target_registration_error` with the
-    moved fixed landmarks in place of the identity-mapped ones).
-    """
-    from scipy.interpolate import RBFInterpolator
-
-    kp = keypoints.double().numpy()
-    tps = RBFInterpolator(kp[:, :3], kp[:, 3:] - kp[:, :3], **TPS_SETTINGS)
-    f, m = landmarks[:, :3].double(), landmarks[:, 3:].double()
-    moved = f + torch.from_numpy(tps(f.numpy()))
-    return target_registration_error(None, moved, m, spacing).initial
-
-
-class PeerResult(NamedTuple):
-    """A peer method's TRE per case (mm), and the landmarks' initial distance, on the cases it covers."""
-
-    method: str
-    tre: dict[str, torch.Tensor]
-    initial: dict[str, torch.Tensor]
-
-    def cases(self, split: Sequence[str] | None = None) -> list[str]:
-        return [c for c in self.tre if split is None or c in set(split)]
-
-    def mean(self, split: Sequence[str] | None = None, initial: bool = False) -> float:
-        """Mean over all landmarks (pooled) of the cases in ``split`` (None: all it covers)."""
-        values = self.initial if initial else self.tre
-        return float(torch.cat([values[c] for c in self.cases(split)]).mean())
-
-    def n_landmarks(self, split: Sequence[str] | None = None) -> int:
-        return sum(len(self.tre[c]) for c in self.cases(split))
-
-    def summary(self) -> dict[str, Any]:
-        """Pooled means on Lung250M-4B's test split 104–113 and on the other cases (its validation cases)."""
-        other = [c for c in self.tre if c not in set(BENCHMARK_TEST_CASES)]
-        return {
-            "method": self.method,
-            "104-113": self.mean(BENCHMARK_TEST_CASES),
-            "other": self.mean(other),
-            "cases_104_113": self.cases(BENCHMARK_TEST_CASES),
-            "cases_other": other,
-            "landmarks_104_113": self.n_landmarks(BENCHMARK_TEST_CASES),
-            "landmarks_other": self.n_landmarks(other),
-            "tre_initial_104_113": self.mean(BENCHMARK_TEST_CASES, initial=True),
-            "tre_initial_other": self.mean(other, initial=True),
-        }
 
 
 def with_reference_rows(

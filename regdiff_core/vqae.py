@@ -665,14 +665,3 @@ def baseline_dice(volumes: torch.Tensor, downsampling: int) -> Baselines:
         all_vessel=dice(torch.ones_like(x, dtype=torch.bool), x > 0.5, dims=spatial).float(),
         pooled=dice(pooled > 0.5, x > 0.5, dims=spatial).float(),
     )
-
-
-class RestartComparison(NamedTuple):
-    """What :func:`~regdiff_core.store.vqae.compare_restarts` returns: the second run (``ablation``), one
-    table row per model compared, the ``step`` they are compared at, and each run's history keyed by
-    "restarts on?"."""
-
-    ablation: VQAETrainResult
-    rows: list[dict[str, Any]]
-    step: int
-    histories: dict[bool, list[dict[str, float]]]

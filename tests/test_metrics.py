@@ -263,9 +263,11 @@ def test_keypoint_tre_of_an_affine_motion_by_hand():
     keypoints = torch.cat([k_f, motion(k_f)], 1)
     f = torch.rand(20, 3, generator=g, dtype=torch.float64) * 80 + 10
     landmarks = torch.cat([f, motion(f) + torch.tensor([0.0, 0.0, 3.0], dtype=torch.float64)], 1)
-    assert torch.allclose(M.keypoint_tre(keypoints, landmarks), torch.full((20,), 3.0, dtype=torch.float64))
     assert torch.allclose(
-        M.keypoint_tre(keypoints, landmarks, (1.0, 1.0, 0.5)), torch.full((20,), 1.5).double()
+        store.metrics.keypoint_tre(keypoints, landmarks), torch.full((20,), 3.0, dtype=torch.float64)
+    )
+    assert torch.allclose(
+        store.metrics.keypoint_tre(keypoints, landmarks, (1.0, 1.0, 0.5)), torch.full((20,), 1.5).double()
     )
 
 

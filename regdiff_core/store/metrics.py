@@ -3,8 +3,8 @@
 :mod:`regdiff_core.metrics` holds what chapter 6 computes (TRE, Dice, Jacobians, inverse consistency,
 :func:`~regdiff_core.metrics.evaluate_model`, the claim over seeds, the tables) and the structures it
 returns (:class:`~regdiff_core.metrics.Evaluation`, :class:`~regdiff_core.metrics.PaperResults`,
-:class:`~regdiff_core.metrics.PeerResult`); this module names and reads the files the chapter compares
-against and writes the one it produces:
+); this module names and reads the files the chapter compares against and writes the one it
+produces:
 
 - ``data_dir/unleashing-registration/regnets_state_{dilated_vessels,dilated_vessels_10,synth}.csv``
   (:data:`PAPER_CSVS`, downloaded with chapter 1's release): the paper's per-landmark TRE, one row per
@@ -15,7 +15,8 @@ against and writes the one it produces:
   27 test pairs' landmarks in each scan's original voxel frame (:func:`load_original_landmarks`), and
   ``predict_vxmpp/case_NNN.csv``, VoxelMorph++ keypoint predictions for 17 of them
   (:func:`load_keypoint_predictions`); :func:`evaluate_keypoint_predictions` reads both and measures
-  them with :func:`~regdiff_core.metrics.keypoint_tre`;
+  them with :func:`keypoint_tre` (a thin-plate spline through the keypoints, :data:`TPS_SETTINGS`) into a
+  :class:`PeerResult` — the peer's numbers only, none of the paper's method;
 - our own per-landmark TRE in the shape of the paper's CSVs (:func:`per_landmark_table`,
   :func:`write_per_landmark_csv`; ``python -m regdiff_core evaluate --csv``).
 
@@ -27,18 +28,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from regdiff_core.config import ALL_TEST_CASES
-from regdiff_core.metrics import (
-    Evaluation,
-    PaperResults,
-    PeerResult,
-    keypoint_tre,
-    target_registration_error,
-)
+from regdiff_core.config import ALL_TEST_CASES, BENCHMARK_TEST_CASES
+from regdiff_core.metrics import Evaluation, PaperResults, target_registration_error
 
 # --------------------------------------------------------------------------------------------------
 # The paper's result files and released networks
@@ -150,6 +146,64 @@ def load_keypoint_predictions(data_dir: str | Path, folder: str = VXMPP_FOLDER) 
             )
         out[path.stem.removeprefix("case_")] = torch.from_numpy(table)
     return out
+
+
+#: The thin-plate spline of the evaluation, as the data mirror's README measures it (2.27 mm on 104–113).
+TPS_SETTINGS: dict[str, Any] = {"kernel": "thin_plate_spline", "smoothing": 1.0, "neighbors": 200}
+
+
+def keypoint_tre(
+    keypoints: torch.Tensor, landmarks: torch.Tensor, spacing: Sequence[float] = (1.0, 1.0, 1.0)
+) -> torch.Tensor:
+    """TRE (N,) of a method given as corresponding keypoints, at landmarks it never saw.
+
+    ``keypoints`` (K, 6): fixed keypoint, predicted moving position; ``landmarks`` (N, 6): fixed, moving;
+    both voxel indices of one frame; ``spacing`` mm per voxel. A thin-plate spline
+    (:data:`TPS_SETTINGS`) interpolates the displacements ``k_m − k_f`` at the fixed landmarks f; the
+    error is our TRE distance ‖(f + u(f) − m)·spacing‖ (:func:`target_registration_error` with the
+    moved fixed landmarks in place of the identity-mapped ones).
+    """
+    from scipy.interpolate import RBFInterpolator
+
+    kp = keypoints.double().numpy()
+    tps = RBFInterpolator(kp[:, :3], kp[:, 3:] - kp[:, :3], **TPS_SETTINGS)
+    f, m = landmarks[:, :3].double(), landmarks[:, 3:].double()
+    moved = f + torch.from_numpy(tps(f.numpy()))
+    return target_registration_error(None, moved, m, spacing).initial
+
+
+class PeerResult(NamedTuple):
+    """A peer method's TRE per case (mm), and the landmarks' initial distance, on the cases it covers."""
+
+    method: str
+    tre: dict[str, torch.Tensor]
+    initial: dict[str, torch.Tensor]
+
+    def cases(self, split: Sequence[str] | None = None) -> list[str]:
+        return [c for c in self.tre if split is None or c in set(split)]
+
+    def mean(self, split: Sequence[str] | None = None, initial: bool = False) -> float:
+        """Mean over all landmarks (pooled) of the cases in ``split`` (None: all it covers)."""
+        values = self.initial if initial else self.tre
+        return float(torch.cat([values[c] for c in self.cases(split)]).mean())
+
+    def n_landmarks(self, split: Sequence[str] | None = None) -> int:
+        return sum(len(self.tre[c]) for c in self.cases(split))
+
+    def summary(self) -> dict[str, Any]:
+        """Pooled means on Lung250M-4B's test split 104–113 and on the other cases (its validation cases)."""
+        other = [c for c in self.tre if c not in set(BENCHMARK_TEST_CASES)]
+        return {
+            "method": self.method,
+            "104-113": self.mean(BENCHMARK_TEST_CASES),
+            "other": self.mean(other),
+            "cases_104_113": self.cases(BENCHMARK_TEST_CASES),
+            "cases_other": other,
+            "landmarks_104_113": self.n_landmarks(BENCHMARK_TEST_CASES),
+            "landmarks_other": self.n_landmarks(other),
+            "tre_initial_104_113": self.mean(BENCHMARK_TEST_CASES, initial=True),
+            "tre_initial_other": self.mean(other, initial=True),
+        }
 
 
 def evaluate_keypoint_predictions(

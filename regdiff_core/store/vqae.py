@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -33,7 +34,6 @@ from regdiff_core.config import Profile, VQAEConfig
 from regdiff_core.training import CheckpointError, load_model, load_weights, read_checkpoint, save_model
 from regdiff_core.vqae import (
     PairedVQAE,
-    RestartComparison,
     Tokens,
     VQAETrainResult,
     build_vqae,
@@ -258,6 +258,17 @@ def encode_pairs(
     result = Tokens(tokens, list(pairs.cases), tuple(tokens.shape[1:]), model.codebook_size)
     save_tokens(result, work_dir)
     return result
+
+
+class RestartComparison(NamedTuple):
+    """What :func:`~regdiff_core.store.vqae.compare_restarts` returns: the second run (``ablation``), one
+    table row per model compared, the ``step`` they are compared at, and each run's history keyed by
+    "restarts on?"."""
+
+    ablation: VQAETrainResult
+    rows: list[dict[str, Any]]
+    step: int
+    histories: dict[bool, list[dict[str, float]]]
 
 
 def compare_restarts(
