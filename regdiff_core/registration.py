@@ -537,6 +537,26 @@ def train_registration(
     return RegistrationRun(model, grid, result.history, result.seconds)
 
 
+def loss_rows(trained: dict[tuple[str, int], Any], seed: int, third: int) -> list[dict[str, Any]]:
+    """One table row per training run ((regime, run) → a run with ``history``, ``n_pairs``, ``seconds``;
+    run k used ``seed + k``): the mean loss over the middle and over the last ``third`` iterations, which
+    tells a run still falling from one that has levelled off."""
+    rows = []
+    for (regime, run), t in trained.items():
+        loss = [h["loss"] for h in t.history]
+        rows.append(
+            {
+                "regime": regime,
+                "seed": seed + run,
+                "pairs": t.n_pairs,
+                "middle third": sum(loss[third:-third]) / max(1, len(loss[third:-third])),
+                "last third": sum(loss[-third:]) / len(loss[-third:]),
+                "seconds": t.seconds,
+            }
+        )
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------
 # Test-time adaptation.
 # --------------------------------------------------------------------------------------------------

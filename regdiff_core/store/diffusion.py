@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -52,7 +52,7 @@ from regdiff_core.training import (
     read_checkpoint,
     save_model,
 )
-from regdiff_core.utils import atomic_write_text
+from regdiff_core.utils import atomic_write_text, seed_everything
 from regdiff_core.vqae import Tokens, encode_volumes
 
 #: Files this chapter writes under ``work_dir``.
@@ -309,3 +309,34 @@ def paper_tokens(data_dir: str | Path, heldout: int = PAPER_HELDOUT) -> TokenSpl
     released, so no synthetic vessel pairs and no registration come from them.
     """
     return split_tokens(load_paper_tokens(data_dir), heldout)
+
+
+class PaperTokenRun(NamedTuple):
+    """A denoiser trained on the paper's own token grids (:func:`train_on_paper_tokens`): the ``split``
+    (training / held-out grids), the ``run``, its ``steps``, and the held-out ``loss``/``elbo``/``accuracy``
+    of its sampling weights (``heldout``, from :func:`~regdiff_core.diffusion.evaluate_loss`)."""
+
+    split: TokenSplit
+    run: DiffusionRun
+    steps: int
+    heldout: dict[str, float]
+
+
+def train_on_paper_tokens(
+    profile: Profile, work_dir: str | Path, data_dir: str | Path, device: torch.device, seed: int = 0
+) -> PaperTokenRun:
+    """Chapter 3's side run: the profile's denoiser trained for ``diffusion.side_iterations`` steps (at most
+    ``iterations``) on the paper's 97 released token grids less the last :data:`~regdiff_core.diffusion.
+    PAPER_HELDOUT`, in ``work_dir/diffusion/paper_tokens``, then scored on those held out (masks drawn
+    from a generator seeded with ``seed``). The global RNG is seeded with ``seed`` before training."""
+    split = paper_tokens(data_dir)
+    cfg = profile.diffusion
+    steps = min(cfg.side_iterations or cfg.iterations, cfg.iterations)
+    side = dataclasses.replace(profile, diffusion=dataclasses.replace(cfg, iterations=steps))
+    seed_everything(seed)
+    run = train(side, work_dir, device, tokens=split.train, out_dir=Path(work_dir) / "diffusion" / "paper_tokens",
+                progress=False)  # fmt: skip
+    net = run.ema if run.ema is not None else run.denoiser
+    x_heldout = split.heldout.tokens.reshape(len(split.heldout.tokens), -1)
+    heldout = evaluate_loss(net, x_heldout, cfg.T, generator=torch.Generator().manual_seed(seed))
+    return PaperTokenRun(split, run, steps, heldout)

@@ -33,8 +33,16 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from regdiff_core.config import ALL_TEST_CASES, BENCHMARK_TEST_CASES
-from regdiff_core.metrics import Evaluation, PaperResults, target_registration_error
+from regdiff_core.config import ALL_TEST_CASES, BENCHMARK_TEST_CASES, Profile
+from regdiff_core.metrics import (
+    Evaluation,
+    PaperResults,
+    dice_gain,
+    evaluate_model,
+    target_registration_error,
+    tta_curve,
+)
+from regdiff_core.registration import regime_runs
 
 # --------------------------------------------------------------------------------------------------
 # The paper's result files and released networks
@@ -254,3 +262,101 @@ def write_per_landmark_csv(evaluation: Evaluation, path: str | Path) -> Path:
     np.savetxt(tmp, per_landmark_table(evaluation), fmt="%.18e", delimiter=",")
     tmp.replace(path)
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Chapter 6's evaluations of the trained runs (model files in, Evaluations out)
+# --------------------------------------------------------------------------------------------------
+
+
+def evaluate_runs(
+    profile: Profile, work_dir: str | Path, test, landmarks, device: torch.device
+) -> tuple[dict[str, Evaluation], dict[str, list[float]]]:
+    """Every run chapter 5 trained, on the test pairs: each regime's first run with
+    ``evaluation.tta_iterations`` steps of test-time adaptation (the paper's table), the other runs
+    (seeds) with the network alone. Returns (regime → its first run's :class:`Evaluation`, regime → the
+    network's mean TRE in mm of each run)."""
+    from regdiff_core.store.registration import load_registration
+
+    evaluations: dict[str, Evaluation] = {}
+    per_seed: dict[str, list[float]] = {}
+    for regime, n_runs in regime_runs(profile).items():
+        for run in range(n_runs):
+            model = load_registration(profile, work_dir, regime, device, run=run)
+            ev = evaluate_model(
+                profile, model, test, landmarks, name=regime, device=device,
+                tta_iterations=profile.evaluation.tta_iterations if run == 0 else 0,
+            )  # fmt: skip
+            per_seed.setdefault(regime, []).append(ev.summary()["tre_net"])
+            if run == 0:
+                evaluations[regime] = ev
+    return evaluations, per_seed
+
+
+def tta_curves(
+    profile: Profile, work_dir: str | Path, data_dir: str | Path, test, regimes, device: torch.device
+):
+    """TRE after each of ``evaluation.curve_steps`` TTA steps (:func:`~regdiff_core.metrics.tta_curve`) for
+    each regime's first run, on the first ``evaluation.curve_pairs`` test pairs (all when 0). Returns
+    (regime → {steps: mean TRE (mm)}, the test pairs used)."""
+    import dataclasses
+
+    from regdiff_core.store.data import load_landmarks
+    from regdiff_core.store.registration import load_registration
+
+    n_curve = profile.evaluation.curve_pairs or len(test)
+    curve_test = dataclasses.replace(
+        test, cases=test.cases[:n_curve], fixed=test.fixed[:n_curve], moving=test.moving[:n_curve],
+        spacing=test.spacing[:n_curve], raw_shapes=None if test.raw_shapes is None else test.raw_shapes[:n_curve],
+    )  # fmt: skip
+    curve_lms = load_landmarks(profile, data_dir, curve_test.cases)
+    curves = {
+        r: tta_curve(
+            profile, load_registration(profile, work_dir, r, device), curve_test, curve_lms,
+            profile.evaluation.curve_steps, device=device,
+        )
+        for r in regimes
+    }  # fmt: skip
+    return curves, curve_test
+
+
+def realism_gains(
+    profile: Profile, work_dir: str | Path, test, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """How much the ``real_all`` network raises the overlap of each pair (:func:`~regdiff_core.metrics.
+    dice_gain`) of three sets: the real test pairs, the VQ-AE reconstructions of the training pairs, and
+    synthetic pairs (as many as chapter 4's statistics use, at most ``registration.n_synthetic``)."""
+    from regdiff_core.store.registration import load_registration
+    from regdiff_core.store.sampling import load_synthetic, read_synthetic_pair, reconstruction_files
+
+    real_all_net = load_registration(profile, work_dir, "real_all", device)
+    recon = [read_synthetic_pair(p) for p in reconstruction_files(work_dir)]
+    synth = load_synthetic(work_dir, n=min(profile.sampling.n_stats, profile.registration.n_synthetic))
+    pair_sets = {
+        "test pairs (real, unseen)": (test.fixed, test.moving),
+        "VQ-AE reconstructions": (torch.stack([f for f, _ in recon]), torch.stack([m for _, m in recon])),
+        "synthetic": (synth.fixed, synth.moving),
+    }
+    return {name: dice_gain(real_all_net, f, m, device=device) for name, (f, m) in pair_sets.items()}
+
+
+def evaluate_released(
+    profile: Profile, work_dir: str | Path, data_dir: str | Path, test, landmarks, device: torch.device
+) -> tuple[dict[str, Evaluation], list[str]]:
+    """The authors' released networks (:data:`RELEASED_NETWORKS`, in ``data_dir/unleashing-registration``)
+    on the test pairs, with ``evaluation.tta_iterations`` TTA steps. Returns (regime → its
+    :class:`Evaluation`, the names of the files not downloaded)."""
+    from regdiff_core.store.registration import load_registration
+
+    released, missing = {}, []
+    for regime, name in RELEASED_NETWORKS.items():
+        path = Path(data_dir) / "unleashing-registration" / name
+        if not path.is_file():
+            missing.append(name)
+            continue
+        model = load_registration(profile, work_dir, path, device)
+        released[regime] = evaluate_model(
+            profile, model, test, landmarks, name=f"released {regime}",
+            tta_iterations=profile.evaluation.tta_iterations, device=device,
+        )  # fmt: skip
+    return released, missing

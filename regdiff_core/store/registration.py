@@ -25,9 +25,11 @@ from regdiff_core.registration import (
     TwoStepRegistration,
     build_registration,
     few_cases,
+    regime_runs,
     train_registration,
 )
 from regdiff_core.training import CheckpointError, load_model, load_weights, read_checkpoint, save_model
+from regdiff_core.utils import seed_everything
 
 
 def run_name(regime: str, run: int = 0) -> str:
@@ -231,6 +233,31 @@ def train_regime(
         cases=data.cases,
     )  # fmt: skip
     return TrainedRegistration(trained.model, trained.history, trained.seconds, n, path)
+
+
+def train_regimes(
+    profile: Profile,
+    work_dir: str | Path,
+    device: torch.device,
+    seed: int = 0,
+    *,
+    data: dict[str, RegimeData] | None = None,
+    progress: bool = True,
+) -> dict[tuple[str, int], TrainedRegistration]:
+    """Chapter 5's training runs: every regime of ``registration.regimes``, each with
+    :func:`~regdiff_core.registration.regime_runs` runs; run k is seeded with ``seed + k`` before it starts
+    (as ``python -m regdiff_core train-registration``). ``data``: regime → its pairs, already loaded.
+    Returns (regime, run) → :class:`TrainedRegistration`."""
+    runs = regime_runs(profile)
+    trained = {}
+    for regime in profile.registration.regimes:
+        pairs = data.get(regime) if data is not None else None
+        for run in range(runs[regime]):
+            seed_everything(seed + run)
+            trained[regime, run] = train_regime(
+                profile, regime, work_dir, device, data=pairs, progress=progress, run=run
+            )
+    return trained
 
 
 def load_registration(

@@ -35,7 +35,13 @@ from regdiff_core import distributed
 from regdiff_core.config import CANONICAL_SHAPE, Profile
 from regdiff_core.data import PairSet
 from regdiff_core.diffusion import Denoiser
-from regdiff_core.sampling import batch_seed, decode_probabilities, generate_pairs
+from regdiff_core.sampling import (
+    batch_seed,
+    binarise_pairs,
+    decode_probabilities,
+    generate_pairs,
+    pair_statistics,
+)
 
 #: Where :func:`sample_to_disk` writes by default and :func:`load_synthetic` reads, under ``work_dir``.
 SYNTHETIC_DIR = "synthetic"
@@ -371,3 +377,14 @@ def load_synthetic_tokens(
                 raise KeyError(f"{path} has no token grid (written by the seed or with tokens=None)")
             grids.append(torch.from_numpy(z["tokens"].astype(np.int64)))
     return torch.stack(grids)
+
+
+def fraction_by_threshold(work_dir: str | Path, n: int, thresholds) -> dict[str, float]:
+    """Mean vessel volume fraction of the first ``n`` synthetic pairs, binarised at each of ``thresholds``
+    (keys: the threshold as text): how much the synthetic volume depends on where P(vessel) is cut."""
+    fraction_at = {}
+    for threshold in thresholds:
+        pairs_at = load_synthetic(work_dir, n=n, binary=True, threshold=threshold)
+        stats_at = pair_statistics(binarise_pairs(pairs_at))
+        fraction_at[str(threshold)] = float(stats_at["volume_fraction"].mean())
+    return fraction_at
