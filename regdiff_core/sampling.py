@@ -102,7 +102,7 @@ def generate_pairs(
     amp: bool = True,
     progress: bool = False,
 ) -> SyntheticPairs:
-    """Sample ``n`` token grids and decode them, all in memory (use :func:`sample_to_disk` for many)."""
+    """Sample ``n`` token grids and decode them, all in memory (use :func:`~regdiff_core.store.sampling.sample_to_disk` for many)."""
     samples = sample_tokens(
         denoiser, n, steps=steps, temperature=temperature, batch_size=batch_size, generator=generator,
         amp=amp, progress=progress,

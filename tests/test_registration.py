@@ -430,3 +430,47 @@ def test_reconstructions_regime_reads_the_decoded_training_pairs(tmp_path):
     assert torch.equal(fixed[0], probs[1, 0].half().float()) and torch.equal(
         moving[0], probs[1, 1].half().float()
     )
+
+
+def test_train_regimes_seeds_run_k_with_seed_plus_k_and_loss_rows_average_thirds(tmp_path):
+    """Chapter 5's loop as one call: each regime's runs, run k seeded with seed + k (so run k equals a
+    lone train_regime after seed_everything(seed + k)); loss_rows averages the middle and last thirds."""
+    from regdiff_core.utils import seed_everything
+
+    g = torch.Generator().manual_seed(0)
+    fixed = (torch.rand(2, 16, 12, 16, generator=g) > 0.6).float()
+    data = SR.RegimeData("real_few", ["a", "b"], fixed, torch.roll(fixed, 1, dims=1), 2, 0)
+    tiny = {
+        "registration.channels": "4,8,8,8,8,8",
+        "registration.scale": "1.0",
+        "registration.iterations": "2",
+    }
+    profile = get_profile(
+        "ci", {**tiny, "registration.regimes": "real_few", "registration.seed_regimes": "real_few",
+               "registration.seeds": "2"},
+    )  # fmt: skip
+    trained = SR.train_regimes(
+        profile, tmp_path / "all", torch.device("cpu"), 7, data={"real_few": data}, progress=False
+    )
+    assert list(trained) == [("real_few", 0), ("real_few", 1)]
+    seed_everything(8)
+    alone = SR.train_regime(profile, "real_few", tmp_path / "alone", torch.device("cpu"), data=data, run=1,
+                            progress=False)  # fmt: skip
+    for a, b in zip(alone.model.state_dict().values(), trained["real_few", 1].model.state_dict().values()):
+        assert torch.equal(a, b)
+
+    class Run:  # what loss_rows reads of a run
+        def __init__(self, losses):
+            self.history, self.n_pairs, self.seconds = [{"loss": v} for v in losses], 3, 1.5
+
+    rows = R.loss_rows({("synthetic", 1): Run([9.0, 8.0, 4.0, 2.0, 1.0, 3.0])}, seed=10, third=2)
+    assert rows == [
+        {
+            "regime": "synthetic",
+            "seed": 11,
+            "pairs": 3,
+            "middle third": 3.0,
+            "last third": 2.0,
+            "seconds": 1.5,
+        }
+    ]

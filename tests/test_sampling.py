@@ -138,3 +138,15 @@ def test_sample_to_disk_writes_loadable_reproducible_pairs(tmp_path):
     sample_to_disk(profile, tmp_path, torch.device("cpu"), **{**kwargs, "n": 2})
     second = load_synthetic(tmp_path)
     assert len(second) == 2 and torch.equal(second.fixed, first.fixed[:2])
+
+
+def test_fraction_by_threshold_cuts_the_stored_probabilities(tmp_path):
+    """Two stored pairs of known P(vessel): the volume fraction at each threshold is counted by hand."""
+    from regdiff_core.store.sampling import fraction_by_threshold
+
+    p = torch.zeros(4, 4, 4)
+    p.view(-1)[:16] = 0.8  # a quarter of the voxels at 0.8
+    p.view(-1)[16:24] = 0.4  # an eighth at 0.4
+    for k in (1, 2):
+        export_pair(tmp_path / "synthetic", f"synth_{k:04d}", p, p, nifti=False)
+    assert fraction_by_threshold(tmp_path, 2, (0.3, 0.5, 0.9)) == {"0.3": 0.375, "0.5": 0.25, "0.9": 0.0}
