@@ -367,7 +367,7 @@ def train_denoiser(
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     state: dict[str, Any] = {
-        "denoiser": denoiser,
+        "model": denoiser,
         "optimizer": optimizer,
         "scheduler": scheduler,
         "scaler": scaler,

@@ -513,7 +513,11 @@ def train_registration(
         B = to_grid(moving.unsqueeze(1), grid)
         return greedy_iteration(model, optimizers, A, B, scaler if amp else None, amp)
 
-    state = {"net1": model.nets[0], "net2": model.nets[1], "opt1": optimizers[0], "opt2": optimizers[1]}
+    # one checkpoint layout for every stage: model(s), optimizer(s), then scheduler, scaler, EMA where present
+    state = {
+        "model_step1": model.nets[0], "model_step2": model.nets[1],
+        "optimizer_step1": optimizers[0], "optimizer_step2": optimizers[1],
+    }  # fmt: skip
     if amp:
         state["scaler"] = scaler
     unwrap = distributed.wrap_each(model.nets, cfg.batch_size)  # torchrun: each network in its own DDP

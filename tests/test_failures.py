@@ -277,10 +277,17 @@ def test_resume_with_a_new_registration_lr_trains_at_that_lr(tmp_path, capsys):
     again = get_profile("ci", {**tiny, "registration.iterations": "3", "registration.lr": "0.001"})
     SR.train_regime(again, "real_all", tmp_path, torch.device("cpu"), progress=False, data=regime)
     out = capsys.readouterr().out
-    assert "opt1 lr 0.015 → 0.001" in out and "opt2 lr 0.015 → 0.001" in out and "iterations 2 → 3" in out
+    assert (
+        "optimizer_step1 lr 0.015 → 0.001" in out
+        and "optimizer_step2 lr 0.015 → 0.001" in out
+        and "iterations 2 → 3" in out
+    )
     saved = torch.load(tmp_path / "registration/real_all/checkpoint.pt", weights_only=True)
     assert saved["step"] == 3
-    assert [saved["state"][o]["param_groups"][0]["lr"] for o in ("opt1", "opt2")] == [0.001, 0.001]
+    assert [saved["state"][o]["param_groups"][0]["lr"] for o in ("optimizer_step1", "optimizer_step2")] == [
+        0.001,
+        0.001,
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
