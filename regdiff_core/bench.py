@@ -107,42 +107,37 @@ def bench_diffusion(device: torch.device, small: bool = False) -> dict[str, Any]
     with torch.no_grad(), autocast(device, cfg.amp):
         vqae_net.decode(torch.zeros(n_pairs, *grid, dtype=torch.long, device=device))
     sync()
-    t0 = time.perf_counter()
-    samples = diffusion.sample_tokens(denoiser, n_pairs, steps=cfg.T, temperature=profile.sampling.temperature,
-                            batch_size=n_pairs, generator=gen, amp=cfg.amp)  # fmt: skip
-    sync()
-    t1 = time.perf_counter()
-    with torch.no_grad(), autocast(device, cfg.amp):
-        volumes = vqae_net.decode(samples.tokens.to(device)).float()
-    sync()
-    t2 = time.perf_counter()
-    del volumes
+
+    def sample_and_decode(n: int, decode_batch: int):
+        """Tokens of ``n`` pairs at T steps, then decoded ``decode_batch`` at a time: (samples, seconds, seconds)."""
+        with timer() as tokens_time:
+            samples = diffusion.sample_tokens(denoiser, n, steps=cfg.T, temperature=profile.sampling.temperature,
+                                              batch_size=n, generator=gen, amp=cfg.amp)  # fmt: skip
+            sync()
+        with timer() as decode_time, torch.no_grad(), autocast(device, cfg.amp):
+            for chunk in samples.tokens.split(decode_batch):
+                vqae_net.decode(chunk.to(device)).float()
+            sync()
+        return samples, tokens_time["seconds"], decode_time["seconds"]
+
+    samples, tokens_seconds, decode_seconds = sample_and_decode(n_pairs, n_pairs)
     # 256 pairs as chapter 4 samples them for real, in large batches: one batch of `big` pairs timed at
     # T steps (tokens, then decoding them `decode_batch` at a time), scaled to 256 pairs
     big, decode_batch, n_total = (4, 2, 8) if small else (64, 4, profile.sampling.n_pairs)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    sync()
-    b0 = time.perf_counter()
-    many = diffusion.sample_tokens(denoiser, big, steps=cfg.T, temperature=profile.sampling.temperature,
-                         batch_size=big, generator=gen, amp=cfg.amp)  # fmt: skip
-    sync()
-    b1 = time.perf_counter()
-    with torch.no_grad(), autocast(device, cfg.amp):
-        for chunk in many.tokens.split(decode_batch):
-            vqae_net.decode(chunk.to(device)).float()
-    sync()
-    b2 = time.perf_counter()
+    _, big_tokens, big_decode = sample_and_decode(big, decode_batch)
     peak_big = round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None
-    del vqae_net
+    vqae_net = None  # the VQ-AE is not needed for the training step: free its memory
     large_batches = {
         "batch_size": big,
         "decode_batch": decode_batch,
-        "tokens_seconds": round(b1 - b0, 3),
-        "decode_seconds": round(b2 - b1, 3),
-        "seconds_per_pair": round((b2 - b0) / big, 4),
+        "tokens_seconds": round(big_tokens, 3),
+        "decode_seconds": round(big_decode, 3),
+        "seconds_per_pair": round((big_tokens + big_decode) / big, 4),
         "n_pairs": n_total,
-        "estimated_n_pairs_seconds": round((b2 - b0) * n_total / big, 1),  # seconds_per_pair × n_pairs
+        # seconds per pair × n_pairs
+        "estimated_n_pairs_seconds": round((big_tokens + big_decode) * n_total / big, 1),
         "peak_memory_gb": peak_big,
     }
     # one training step (after one warm-up step)
@@ -151,23 +146,21 @@ def bench_diffusion(device: torch.device, small: bool = False) -> dict[str, Any]
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     x_0 = torch.randint(0, vqae_cfg.codebook_size, (cfg.batch_size, math.prod(grid)), device=device)
-    times = []
-    for _ in range(2):
+    for _ in range(2):  # the second is timed
         sync()
-        s0 = time.perf_counter()
-        diffusion.train_step(denoiser, x_0, optimizer, scaler, cfg, denoiser.mask_id, use_amp)
-        sync()
-        times.append(time.perf_counter() - s0)
+        with timer() as step_time:
+            diffusion.train_step(denoiser, x_0, optimizer, scaler, cfg, denoiser.mask_id, use_amp)
+            sync()
     return {
         "params": count_parameters(denoiser),
         "grid": list(grid),
         "steps": cfg.T,
-        "sample_2_pairs_seconds": round(t2 - t0, 3),
-        "sample_tokens_seconds": round(t1 - t0, 3),
-        "decode_2_pairs_seconds": round(t2 - t1, 3),
+        "sample_2_pairs_seconds": round(tokens_seconds + decode_seconds, 3),
+        "sample_tokens_seconds": round(tokens_seconds, 3),
+        "decode_2_pairs_seconds": round(decode_seconds, 3),
         "network_calls": samples.network_calls,
         "sample_large_batches": large_batches,
-        "train_step_seconds": round(times[-1], 4),
+        "train_step_seconds": round(step_time["seconds"], 4),
         "train_batch": cfg.batch_size,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
         if device.type == "cuda"

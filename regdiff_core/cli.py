@@ -282,16 +282,16 @@ def run_train_registration(args, profile: Profile) -> int:
     device = resolve_device(args.device)
     if args.runs is not None and args.runs < 1:
         raise SystemExit(f"train-registration: --runs must be >= 1, got {args.runs}")
-    runs = registration.regime_runs(profile)
-    for regime in [args.regime] if args.regime else profile.registration.regimes:
-        for run in range(args.runs if args.runs is not None else runs.get(regime, 1)):
-            seed_everything(args.seed + run)
-            result = store.registration.train_regime(profile, regime, Path(args.work_dir), device, run=run)
-            last = result.history[-1]["loss"] if result.history else float("nan")
-            print(
-                f"{store.registration.run_name(regime, run)}: {result.n_pairs} pairs, final loss {last:.4f}, "
-                f"{result.seconds:.1f} s → {result.path}"
-            )
+    trained = store.registration.train_regimes(
+        profile, Path(args.work_dir), device, args.seed, regimes=[args.regime] if args.regime else None,
+        runs=args.runs,
+    )  # fmt: skip
+    for (regime, run), result in trained.items():
+        last = result.history[-1]["loss"] if result.history else float("nan")
+        print(
+            f"{store.registration.run_name(regime, run)}: {result.n_pairs} pairs, final loss {last:.4f}, "
+            f"{result.seconds:.1f} s → {result.path}"
+        )
     return 0
 
 

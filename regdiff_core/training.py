@@ -154,7 +154,12 @@ def load_model(path: str | Path, what: str, advice: str) -> dict[str, Any]:
     ``what`` names the kind of file in messages, ``advice`` says what to do. Raises
     :class:`CheckpointError` naming the file when it is not of that layout (a dict with ``"weights"``, a
     dict of state dicts, and ``"config"``, a dict); ``FileNotFoundError`` when it is missing."""
-    saved = read_checkpoint(path, what, advice)
+    return model_layout(read_checkpoint(path, what, advice), path, what, advice)
+
+
+def model_layout(saved: Any, path: str | Path, what: str, advice: str) -> dict[str, Any]:
+    """``saved`` (what ``path`` holds) as :func:`save_model`'s layout, or :class:`CheckpointError` naming
+    ``path`` (for loaders that read a file that may hold another format too, e.g. released networks)."""
     weights = saved.get("weights") if isinstance(saved, Mapping) else None
     if (
         not isinstance(weights, Mapping)

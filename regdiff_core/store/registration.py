@@ -28,7 +28,7 @@ from regdiff_core.registration import (
     regime_runs,
     train_registration,
 )
-from regdiff_core.training import CheckpointError, load_model, load_weights, read_checkpoint, save_model
+from regdiff_core.training import CheckpointError, load_weights, model_layout, read_checkpoint, save_model
 from regdiff_core.utils import seed_everything
 
 
@@ -241,18 +241,20 @@ def train_regimes(
     device: torch.device,
     seed: int = 0,
     *,
+    regimes: Sequence[str] | None = None,
+    runs: int | None = None,
     data: dict[str, RegimeData] | None = None,
     progress: bool = True,
 ) -> dict[tuple[str, int], TrainedRegistration]:
-    """Chapter 5's training runs: every regime of ``registration.regimes``, each with
-    :func:`~regdiff_core.registration.regime_runs` runs; run k is seeded with ``seed + k`` before it starts
-    (as ``python -m regdiff_core train-registration``). ``data``: regime → its pairs, already loaded.
-    Returns (regime, run) → :class:`TrainedRegistration`."""
-    runs = regime_runs(profile)
+    """Chapter 5's training runs (and ``python -m regdiff_core train-registration``'s): each of ``regimes``
+    (default ``registration.regimes``) with ``runs`` runs (default :func:`~regdiff_core.registration.
+    regime_runs`); run k is seeded with ``seed + k`` before it starts. ``data``: regime → its pairs, already
+    loaded. Returns (regime, run) → :class:`TrainedRegistration`."""
+    counts = regime_runs(profile)
     trained = {}
-    for regime in profile.registration.regimes:
+    for regime in regimes or profile.registration.regimes:
         pairs = data.get(regime) if data is not None else None
-        for run in range(runs[regime]):
+        for run in range(runs if runs is not None else counts.get(regime, 1)):
             seed_everything(seed + run)
             trained[regime, run] = train_regime(
                 profile, regime, work_dir, device, data=pairs, progress=progress, run=run
@@ -285,7 +287,7 @@ def load_registration(
     if isinstance(payload, list | tuple) and len(payload) == 2:  # the seed's released networks
         cfg, states, dims, n_pairs = released_config(profile), list(payload), 3, None
     else:  # chapter 5's model.pt
-        saved = load_model(path, "registration model", again)
+        saved = model_layout(payload, path, "registration model", again)
         try:
             cfg = RegistrationConfig(**_tuples(saved["config"]))
             states = [saved["weights"]["step1"], saved["weights"]["step2"]]

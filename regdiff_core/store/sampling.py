@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from regdiff_core import distributed
-from regdiff_core.config import CANONICAL_SHAPE, Profile
-from regdiff_core.data import PairSet
+from regdiff_core.config import CANONICAL_SHAPE, ConfigError, Profile
+from regdiff_core.data import DataError, PairSet, block_factors
 from regdiff_core.diffusion import Denoiser
 from regdiff_core.sampling import (
     batch_seed,
@@ -42,6 +42,7 @@ from regdiff_core.sampling import (
     generate_pairs,
     pair_statistics,
 )
+from regdiff_core.utils import atomic_write_text, remove_orphans
 
 #: Where :func:`sample_to_disk` writes by default and :func:`load_synthetic` reads, under ``work_dir``.
 SYNTHETIC_DIR = "synthetic"
@@ -61,8 +62,6 @@ RECON_PREFIX = "recon_"
 def to_canonical(mask: torch.Tensor) -> torch.Tensor:
     """A profile-resolution volume (H, W, D) → the canonical 256×208×256 frame by repeating each voxel
     over the block it covers (voxel k ↦ canonical [k·f, (k+1)·f)); ``block_reduce`` undoes it exactly."""
-    from regdiff_core.data import block_factors
-
     f = block_factors(mask.shape[-3:])
     out = mask
     for axis, factor in zip((-3, -2, -1), f):
@@ -148,10 +147,8 @@ def sample_to_disk(
     distributed.shard`), each rank writes its own pairs into the shared temporary folder, and rank 0 publishes
     the set once every rank has finished — the same files as one process with the same seed.
     """
-    from regdiff_core.config import ConfigError
     from regdiff_core.store.diffusion import load_denoiser
     from regdiff_core.store.vqae import load_vqae
-    from regdiff_core.utils import atomic_write_text, remove_orphans
 
     cfg = profile.sampling
     work_dir = Path(work_dir)
@@ -316,8 +313,6 @@ def read_synthetic_pair(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     ``mov``) raises :class:`~regdiff_core.data.DataError` naming it; NumPy never unpickles objects here."""
     import zipfile
 
-    from regdiff_core.data import DataError
-
     try:
         with np.load(path, allow_pickle=False) as z:
             return tuple(
@@ -339,8 +334,6 @@ def load_synthetic(
     ``fixed``/``moving`` (n, H, W, D): float32 P(vessel), or with ``binary=True`` uint8 masks
     ``p > threshold`` (a quarter of the memory, like the real pairs). ``spacing`` is all ones (mm).
     """
-    from regdiff_core.data import PairSet
-
     files = synthetic_files(work_dir, folder)
     if not files:
         where = Path(folder) if folder is not None else Path(work_dir) / SYNTHETIC_DIR
