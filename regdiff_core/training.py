@@ -19,16 +19,16 @@ backward, optimizer and scheduler updates) and a ``state`` dict of everything wi
 - a checkpoint that cannot be read or does not fit raises :class:`CheckpointError` naming the file.
 - a checkpoint of other training inputs or settings (its :func:`fingerprint` differs) is set aside as
   ``checkpoint.stale-<fingerprint>.pt`` and the run starts afresh: the one stale-state rule.
-
-Every trained stage keeps ``<stage folder>/checkpoint.pt`` in one format: ``{"step", "state": {"model"
-(or "model_step1", "model_step2"), "optimizer" (or one per step), "scheduler", "scaler", "ema" where the
-stage has them}, "rng", "history", "settings" (the stage's config), "fingerprint"}`` — tensors, numbers,
-strings, lists and dicts only, read with ``torch.load(..., weights_only=True)`` (:func:`read_checkpoint`).
 - a stage's trained model (``model.pt``) has one layout, ``{"weights": {name: state_dict}, "config": {…},
   **extra}``: :func:`save_model` writes it, :func:`load_model` reads it (or names the file that is not it).
 - under ``torchrun`` (:mod:`regdiff_core.distributed`): the logged numbers are averaged over the ranks,
   rank 0 alone writes the checkpoint and the history, the checkpoint keeps every rank's RNG state
   (``rng_ranks``) and a resume gives each rank its own back.
+
+Every trained stage keeps ``<stage folder>/checkpoint.pt`` in one format: ``{"step", "state": {"model"
+(or "model_step1", "model_step2"), "optimizer" (or one per step), "scheduler", "scaler", "ema" where the
+stage has them}, "rng", "history", "settings" (the stage's config), "fingerprint"}`` — tensors, numbers,
+strings, lists and dicts only, read with ``torch.load(..., weights_only=True)`` (:func:`read_checkpoint`).
 
 Written by hand rather than with a trainer framework (Lightning, MONAI's ignite engines) so that the
 reader sees the whole loop in one screen, and because those add a dependency the book otherwise lacks.
